@@ -1,0 +1,147 @@
+"""LoRA adapters through PEFT: many named adapters on ONE frozen base model.
+
+Every simulated device gets its own named adapter (its own tensors, its own optimizer),
+injected into the shared base with ``peft.inject_adapter_in_model``; only the adapters
+of the role whose turn it is are active. Adapter state is exchanged as plain tensor
+dicts keyed the way PEFT saves them (``model.layers.3.self_attn.q_proj.lora_A.weight``),
+so the global adapter exports straight to PEFT's on-disk format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import nn
+
+from splitfed.models.families import Family
+
+AdapterState = dict[str, torch.Tensor]
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def make_lora_config(
+    family: Family, targets: list[str], rank: int, alpha_per_rank: float, layers: list[int], dropout: float = 0.0
+) -> LoraConfig:
+    """LoRA on ``targets`` of ``layers`` with rank ``rank``.
+
+    alpha grows with the rank (alpha = alpha_per_rank * rank), so the scaling alpha / r is
+    the same for every device whatever its rank: zero-padding a low-rank adapter to a
+    higher rank then leaves its product B A, and so the model, unchanged.
+    """
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha_per_rank * rank,
+        target_modules=list(targets),
+        layers_to_transform=list(layers),
+        layers_pattern=family.layers_pattern,
+        lora_dropout=dropout,
+        bias="none",
+        fan_in_fan_out=family.fan_in_fan_out,
+    )
+
+
+def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
+    """Inject a new named adapter into ``model`` (in place)."""
+    inject_adapter_in_model(config, model, adapter_name=name)
+    if not adapter_parameters(model, name):
+        raise ValueError(
+            f"lora.targets {config.target_modules} matched no module in layers "
+            f"{sorted(config.layers_to_transform)}; check the module names of this architecture"
+        )
+
+
+def _canonical(param_name: str, adapter: str) -> str | None:
+    marker = f".{adapter}."
+    if ".lora_" not in param_name or marker not in param_name:
+        return None
+    return param_name.replace(marker, ".", 1)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The trainable tensors of adapter ``name``, keyed canonically (adapter name removed)."""
+    found = {}
+    for param_name, param in model.named_parameters():
+        key = _canonical(param_name, name)
+        if key is not None:
+            found[key] = param
+    return found
+
+
+def get_adapter_state(model: nn.Module, name: str) -> AdapterState:
+    return {k: p.detach().clone() for k, p in adapter_parameters(model, name).items()}
+
+
+def set_adapter_state(model: nn.Module, name: str, state: AdapterState, strict: bool = True) -> None:
+    """Copy ``state`` into adapter ``name``; tensors are fitted to each slot's rank (HetLoRA
+    truncation / zero padding). With strict, every slot of the adapter must be in ``state``."""
+    params = adapter_parameters(model, name)
+    missing = set(params) - set(state)
+    if strict and missing:
+        raise KeyError(f"adapter {name!r}: state lacks {sorted(missing)[:3]} (and {max(0, len(missing) - 3)} more)")
+    with torch.no_grad():
+        for key, param in params.items():
+            if key in state:
+                param.copy_(fit_rank(state[key], param.shape))
+
+
+def fit_rank(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Truncate or zero-pad a LoRA factor along its rank axis to ``shape``.
+
+    lora_A is (rank, in_features), lora_B is (out_features, rank).
+    """
+    if tensor.shape == shape:
+        return tensor
+    out = torch.zeros(shape, dtype=tensor.dtype)
+    rows, cols = min(shape[0], tensor.shape[0]), min(shape[1], tensor.shape[1])
+    out[:rows, :cols] = tensor[:rows, :cols]
+    return out
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def activate(layers: list[LoraLayer], names: list[str]) -> None:
+    """Make ``names`` the active adapters for the forward passes that follow.
+
+    PEFT's set_adapter also freezes the inactive adapters; we undo that because another
+    device's forward graph may still be waiting for its backward pass.
+    """
+    for layer in layers:
+        layer.set_adapter(names)
+        for factors in (layer.lora_A, layer.lora_B):
+            for module in factors.values():
+                module.requires_grad_(True)
+
+
+def layer_of(key: str, family: Family) -> int:
+    """Decoder-layer index of a canonical adapter key."""
+    prefix = family.layers_path + "."
+    if not key.startswith(prefix):
+        raise ValueError(f"adapter key {key!r} is not under {family.layers_path}")
+    return int(key[len(prefix) :].split(".", 1)[0])
+
+
+def slice_layers(state: AdapterState, family: Family, layers: range) -> AdapterState:
+    """The part of an adapter state on the given decoder layers."""
+    return {k: v for k, v in state.items() if layer_of(k, family) in layers}
+
+
+def state_bytes(state: AdapterState) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_peft_adapter(state: AdapterState, config: LoraConfig, directory: Path, base_model: str) -> None:
+    """Write ``state`` in PEFT's format, loadable by ``PeftModel.from_pretrained(base, directory)``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {f"base_model.model.{k}": v.contiguous() for k, v in state.items()}
+    save_file(weights, directory / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
+    config_tree = config.to_dict()
+    config_tree["base_model_name_or_path"] = base_model
+    config_tree["target_modules"] = sorted(config_tree["target_modules"])
+    (directory / "adapter_config.json").write_text(json.dumps(config_tree, indent=2, default=list))

@@ -1,0 +1,58 @@
+"""The ``splitfed`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split federated LoRA fine-tuning of LLMs.")
+console = Console(stderr=True)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="TOML config (see examples/).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")] = [],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Run one experiment and fill its run directory."""
+    from splitfed.config import ConfigError, load_config
+    from splitfed.report import print_summary
+    from splitfed.run import run as run_experiment
+
+    try:
+        cfg = load_config(config, set_)
+        out_dir = out or Path("runs") / config.stem
+        summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume)
+    except (ConfigError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    print_summary(summary, out_dir, Console())
+
+
+@app.command()
+def prepare(
+    model: Annotated[str, typer.Option(help="Model source to convert and cache.")] = "smollm2",
+    data: Annotated[bool, typer.Option(help="Also fetch the Shakespeare corpus (setup time only).")] = True,
+) -> None:
+    """Setup-time step: cache the model as safetensors and fetch the shipped corpus."""
+    from splitfed.data.sources import prepare_shakespeare
+    from splitfed.models.loading import prepare_model
+
+    console.print(f"model: {prepare_model(model)}")
+    if data:
+        console.print(f"data: {prepare_shakespeare()}")
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

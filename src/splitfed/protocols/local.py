@@ -1,0 +1,72 @@
+"""Unsplit references: every device trains the whole model with LoRA.
+
+``fedlora``: plain federated LoRA, device adapters FedAvg'd each round (adapter bytes
+counted both ways). ``centralized``: one trainer on the pooled data, no network.
+"""
+
+from __future__ import annotations
+
+import time
+
+from splitfed.data.batches import TokenDataset
+from splitfed.models.split import StageSpec
+from splitfed.protocols.base import Protocol
+from splitfed.wire.messages import Message
+
+
+class LocalProtocol(Protocol):
+    federated = True
+
+    def datasets(self) -> list[TokenDataset]:
+        return self.ctx.data.train
+
+    def build(self) -> None:
+        whole = StageSpec(0, self.total_layers, first=True, last=True)
+        for u, data in enumerate(self.datasets()):
+            self.devices[u] = self.make_device(u, whole, data)
+
+    def participants(self, round_index: int) -> list[int]:
+        return super().participants(round_index) if self.federated else [0]
+
+    def _transfer(self, device: int, message: Message, direction: str) -> Message:
+        if not self.federated:
+            return message
+        return self.link.up(device, message) if direction == "up" else self.link.down(device, message)
+
+    def train_round(self, round_index: int, participants: list[int]) -> None:
+        for u in participants:
+            state = self.aggregator.global_state
+            message = Message("adapter_download", "aggregator", round_index, 0, state)
+            self.devices[u].download(self._transfer(u, message, "down"))
+        self.link.clear_pending()  # adapter downloads are counted per round, not per step
+        for step in range(self.config.train.local_steps):
+            started, lr = time.perf_counter(), self.current_lr()
+            for u in participants:
+                loss, tokens = self.devices[u].local_step(lr)
+                self.log_step(round_index, step, u, loss, tokens, started)
+            self.step_index += 1
+        uploads = []
+        for u in participants:
+            upload = self._transfer(u, self.devices[u].upload(round_index), "up")
+            uploads.append((upload.tensors, float(upload.values["num_samples"])))
+        self.aggregator.aggregate(uploads)
+
+    def memory(self) -> dict[str, int]:
+        return {
+            "peak_mem_device_bytes": max(d.peak_bytes() for d in self.devices.values()),
+            "peak_mem_server_bytes": 0,
+            "trainable_params_device": max(d.trainable_params for d in self.devices.values()),
+            "trainable_params_server": 0,
+        }
+
+
+class FederatedLoRA(LocalProtocol):
+    name = "fedlora"
+
+
+class Centralized(LocalProtocol):
+    name = "centralized"
+    federated = False
+
+    def datasets(self) -> list[TokenDataset]:
+        return [TokenDataset.concat(self.ctx.data.train)]

@@ -1,0 +1,57 @@
+"""Measured memory of a role: the tensors it holds plus the activations it saves for backward.
+
+In one process many roles share tensors, so process RSS cannot tell a device's memory
+from the server's. Instead each role counts the unique storages it owns (base weights of
+its stages, adapters, optimizer state) and, during its forward passes, the bytes autograd
+saves for backward (parameters excluded). Peak = held bytes + largest saved-activation set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (shared/tied weights count once)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def module_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+class ActivationMeter:
+    """Largest number of bytes autograd saved for backward in one metered forward pass."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    @contextmanager
+    def measure(self, exclude: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+        skip = {t.untyped_storage().data_ptr() for t in exclude if t.device.type != "meta"}
+        seen: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            ptr = tensor.untyped_storage().data_ptr()
+            if ptr not in skip:
+                seen[ptr] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield
+        self.peak = max(self.peak, sum(seen.values()))

@@ -1,0 +1,116 @@
+"""The device role: runs its stage (embeddings + first layers) with its own LoRA on its own data.
+
+A device reacts to messages and returns messages; it holds no transport code. With a
+whole-model stage (federated LoRA, centralized) it computes the loss itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitfed.adapters.lora import (
+    AdapterState,
+    activate,
+    adapter_parameters,
+    get_adapter_state,
+    lora_layers,
+    set_adapter_state,
+)
+from splitfed.config import TrainSection
+from splitfed.data.batches import BatchStream, TokenDataset
+from splitfed.models.split import Stage, position_ids_for, token_loss_sum
+from splitfed.optim import apply_step, clip_scale, grad_sq_norm, make_optimizer
+from splitfed.roles.accounting import ActivationMeter, module_tensors, optimizer_tensors, unique_bytes
+from splitfed.wire.messages import Message
+
+
+def base_tensors(stage: Stage) -> list[torch.Tensor]:
+    """The frozen base weights a stage needs (adapters excluded)."""
+    return [
+        t
+        for module in stage.owned_modules()
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if ".lora_" not in f".{name}"
+    ]
+
+
+class Device:
+    def __init__(
+        self, device_id: int, stage: Stage, adapter: str, data: TokenDataset, train: TrainSection, seed: int
+    ) -> None:
+        self.id = device_id
+        self.name = f"device{device_id}"
+        self.stage = stage
+        self.adapter = adapter
+        self.train = train
+        self.num_samples = len(data)
+        self.stream = BatchStream(data, train.batch_size, seed)
+        self._lora_layers = [m for owned in stage.owned_modules() for m in lora_layers(owned)]
+        self.params = list(adapter_parameters(stage.model, adapter).values())
+        self.optimizer = make_optimizer(self.params, train)
+        self.meter = ActivationMeter()
+        self._hidden: torch.Tensor | None = None
+
+    # --- split training -------------------------------------------------------------
+    def forward(self, round_index: int, step: int) -> Message:
+        """Run the device stage on the next batch; the activations go to the server."""
+        activate(self._lora_layers, [self.adapter])
+        batch = self.stream.next_batch()
+        positions = position_ids_for(batch.attention_mask)
+        with self.meter.measure(exclude=module_tensors(self.stage.owned_modules())):
+            hidden = self.stage(batch.input_ids, batch.attention_mask, positions)  # (batch, seq, hidden)
+        self._hidden = hidden
+        tensors = {"hidden": hidden, "attention_mask": batch.attention_mask, "labels": batch.labels}
+        return Message("activations", self.name, round_index, step, tensors)
+
+    def backward(self, message: Message) -> Message:
+        """Backpropagate the server's activation gradient; report the squared grad norm."""
+        if self._hidden is None:
+            raise RuntimeError(f"{self.name}: activation gradient without a pending forward pass")
+        self._hidden.backward(message.tensors["grad"])
+        self._hidden = None
+        self.last_loss = float(message.values["loss"])
+        self.last_tokens = int(message.values["tokens"])
+        return Message("grad_norm", self.name, message.round, message.step, values={"sq_norm": grad_sq_norm(self.params)})
+
+    def apply(self, message: Message, lr: float) -> None:
+        """Take the optimizer step with the clipping factor the server decided."""
+        apply_step(self.optimizer, self.params, float(message.values["scale"]), lr)
+
+    # --- whole-model training (federated LoRA, centralized) ------------------------------
+    def local_step(self, lr: float) -> tuple[float, int]:
+        """One full forward/backward/step on the device; returns (mean loss, tokens)."""
+        activate(self._lora_layers, [self.adapter])
+        batch = self.stream.next_batch()
+        positions = position_ids_for(batch.attention_mask)
+        with self.meter.measure(exclude=module_tensors(self.stage.owned_modules())):
+            logits = self.stage(batch.input_ids, batch.attention_mask, positions)
+            loss_sum, tokens = token_loss_sum(logits, batch.labels)
+        loss = loss_sum / max(tokens, 1)
+        loss.backward()
+        scale = clip_scale(grad_sq_norm(self.params), self.train.max_grad_norm)
+        apply_step(self.optimizer, self.params, scale, lr)
+        return float(loss), tokens
+
+    # --- federation ---------------------------------------------------------------------
+    def upload(self, round_index: int) -> Message:
+        state = get_adapter_state(self.stage.model, self.adapter)
+        return Message("adapter_upload", self.name, round_index, 0, state, {"num_samples": self.num_samples})
+
+    def download(self, message: Message) -> None:
+        set_adapter_state(self.stage.model, self.adapter, message.tensors)
+
+    def adapter_state(self) -> AdapterState:
+        return get_adapter_state(self.stage.model, self.adapter)
+
+    # --- accounting ---------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        """Base weights of the stage + this device's adapter + its optimizer state."""
+        return unique_bytes([*base_tensors(self.stage), *self.params, *optimizer_tensors(self.optimizer)])
+
+    def peak_bytes(self) -> int:
+        return self.held_bytes() + self.meter.peak
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.params)

@@ -1,0 +1,202 @@
+"""The engine: validate a config, build the protocol, run rounds, fill the run directory.
+
+Run directory (DESIGN.md): config.json, metrics.jsonl, summary.json, adapter/ (PEFT
+format), checkpoints/, and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from splitfed.adapters.lora import save_peft_adapter
+from splitfed.checkpoint import load_checkpoint, save_checkpoint
+from splitfed.config import SPLIT_PROTOCOLS, ConfigError, RunConfig
+from splitfed.data.partition import FederatedData, build_federated_data
+from splitfed.data.sources import Document, load_documents
+from splitfed.models.families import num_layers
+from splitfed.models.loading import load_model, load_model_config, load_tokenizer, prepare_model
+from splitfed.protocols import PROTOCOL_CLASSES
+from splitfed.protocols.base import Context, Protocol
+from splitfed.report import write_plots
+from splitfed.system.costs import device_memory_bytes, deepest_cut, layer_costs
+
+MB = 1024 * 1024
+
+
+def resolve_cuts(config: RunConfig, model_config) -> list[int]:
+    """Cut depth per device, from devices.cuts or the deepest cut that fits devices.memory_mb."""
+    if config.protocol not in SPLIT_PROTOCOLS:
+        return []
+    total = num_layers(model_config)
+    train = config.train
+    costs = layer_costs(model_config, config.lora.targets) if config.devices.memory_mb else None
+    cuts = []
+    for u in range(config.devices.count):
+        cut = config.device_cut(u)
+        if cut is None:
+            budget = config.device_memory_mb(u) * MB
+            rank = config.device_rank(u)
+            cut = deepest_cut(costs, budget, total - 1, rank, train.batch_size, train.seq_len)
+            if cut == 0:
+                need = device_memory_bytes(costs, 1, rank, train.batch_size, train.seq_len) / MB
+                raise ConfigError(
+                    f"devices.memory_mb: device {u} has {config.device_memory_mb(u):g} MB, which cannot hold "
+                    f"even one layer (needs at least {need:.0f} MB at batch {train.batch_size} x {train.seq_len})"
+                )
+        if cut > total - 1:
+            raise ConfigError(
+                f"devices.cuts: cut {cut} of device {u} is past the last layer a device may hold; "
+                f"allowed 1..{total - 1} for this {total}-layer model"
+            )
+        cuts.append(cut)
+    return cuts
+
+
+@dataclass
+class Plan:
+    """Everything checked before any weights are loaded."""
+
+    config: RunConfig
+    cuts: list[int]
+    documents: list[Document]
+
+
+def plan_run(config: RunConfig) -> Plan:
+    """Validate model, cuts and data against each other; raise before loading any weights."""
+    try:
+        model_config = load_model_config(config.model.source)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    cuts = resolve_cuts(config, model_config)
+    try:
+        documents = load_documents(config.data.source, config.data.documents or None)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return Plan(config, cuts, documents)
+
+
+def build_data(plan: Plan, tokenizer) -> FederatedData:
+    config = plan.config
+    data = config.data
+    try:
+        return build_federated_data(
+            plan.documents,
+            tokenizer,
+            num_devices=config.devices.count,
+            seq_len=config.train.seq_len,
+            partition=data.partition,
+            dirichlet_alpha=data.dirichlet_alpha,
+            eval_fraction=data.eval_fraction,
+            eval_chunks=data.eval_chunks,
+            max_train_chunks_per_device=data.max_train_chunks_per_device,
+            seed=config.seed,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+class MetricsLog:
+    """Appends one JSON record per line to metrics.jsonl and keeps them for the summary."""
+
+    def __init__(self, path: Path, append: bool = False) -> None:
+        self.path = path
+        self.records: list[dict] = []
+        if append and path.exists():
+            self.records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        else:
+            path.write_text("")
+
+    def __call__(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def run(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
+    """Run a whole experiment into ``out`` and return its summary."""
+    plan = plan_run(config)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model_dir = prepare_model(config.model.source)
+    tokenizer = load_tokenizer(config.model.source)
+    model = load_model(config.model.source)
+    data = build_data(plan, tokenizer)
+    (out / "config.json").write_text(
+        json.dumps({**config.model_dump(), "resolved": {"cuts": plan.cuts, "model_dir": str(model_dir)}}, indent=2)
+    )
+    log = MetricsLog(out / "metrics.jsonl", append=resume)
+    protocol: Protocol = PROTOCOL_CLASSES[config.protocol](Context(config, model, str(model_dir), data, plan.cuts, log))
+
+    first_round, base_loss = 0, None
+    if resume:
+        first_round, base_loss = load_checkpoint(protocol, out / "checkpoints")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        if base_loss is None:
+            task = bar.add_task("eval (base model)", total=1)
+            base_loss = protocol.evaluate(data.eval)
+            bar.update(task, advance=1)
+        task = bar.add_task(f"{config.protocol}: rounds", total=config.train.rounds, completed=first_round)
+        for round_index in range(first_round, config.train.rounds):
+            participants = protocol.participants(round_index)
+            up_before, down_before = protocol.link.total_up, protocol.link.total_down
+            protocol.train_round(round_index, participants)
+            eval_loss = protocol.evaluate(data.eval)
+            steps = [r for r in log.records if r["kind"] == "step" and r["round"] == round_index]
+            log(
+                {
+                    "kind": "round",
+                    "round": round_index,
+                    "devices": participants,
+                    "loss": sum(r["loss"] for r in steps) / max(len(steps), 1),
+                    "tokens": sum(r["tokens"] for r in steps),
+                    "bytes_up": protocol.link.total_up - up_before,
+                    "bytes_down": protocol.link.total_down - down_before,
+                    "wall_s": time.perf_counter() - started,
+                    "eval_loss": eval_loss,
+                    "eval_ppl": _perplexity(eval_loss),
+                }
+            )
+            save_checkpoint(protocol, out / "checkpoints", round_index, base_loss)
+            bar.update(task, advance=1, description=f"{config.protocol}: rounds (eval ppl {_perplexity(eval_loss):.2f})")
+
+    save_peft_adapter(protocol.aggregator.global_state, protocol.global_lora_config(), out / "adapter", str(model_dir))
+    summary = _summary(config, protocol, log.records, base_loss, time.perf_counter() - started, plan)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_plots(log.records, summary, out)
+    return summary
+
+
+def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_loss: float, wall: float, plan: Plan) -> dict:
+    rounds = [r for r in records if r["kind"] == "round"]
+    final_loss = rounds[-1]["eval_loss"]
+    return {
+        "protocol": config.protocol,
+        "model": config.model.source,
+        "rounds": len(rounds),
+        "devices": config.devices.count,
+        "cuts": plan.cuts,
+        "base_eval_loss": base_loss,
+        "base_eval_ppl": _perplexity(base_loss),
+        "final_eval_loss": final_loss,
+        "final_eval_ppl": _perplexity(final_loss),
+        "ppl_reduction": 1.0 - _perplexity(final_loss) / _perplexity(base_loss),
+        "tokens": sum(r["tokens"] for r in rounds),
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        **protocol.memory(),
+        "wall_s": wall,
+    }
