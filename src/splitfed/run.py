@@ -123,22 +123,27 @@ def _perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def run(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
-    """Run a whole experiment into ``out`` and return its summary."""
-    plan = plan_run(config)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+def build_protocol(plan: Plan, log) -> tuple[Protocol, FederatedData]:
+    """Load the model and data of a validated plan and build the protocol's roles."""
+    config = plan.config
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     model_dir = prepare_model(config.model.source)
-    tokenizer = load_tokenizer(config.model.source)
     model = load_model(config.model.source)
-    data = build_data(plan, tokenizer)
-    (out / "config.json").write_text(
-        json.dumps({**config.model_dump(), "resolved": {"cuts": plan.cuts, "model_dir": str(model_dir)}}, indent=2)
-    )
+    data = build_data(plan, load_tokenizer(config.model.source))
+    protocol = PROTOCOL_CLASSES[config.protocol](Context(config, model, str(model_dir), data, plan.cuts, log))
+    return protocol, data
+
+
+def run(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
+    """Run a whole experiment into ``out`` and return its summary."""
+    started = time.perf_counter()
+    plan = plan_run(config)  # fail on a bad config before creating anything
+    out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", append=resume)
-    protocol: Protocol = PROTOCOL_CLASSES[config.protocol](Context(config, model, str(model_dir), data, plan.cuts, log))
+    protocol, data = build_protocol(plan, log)
+    resolved = {"cuts": plan.cuts, "model_dir": protocol.ctx.model_dir}
+    (out / "config.json").write_text(json.dumps({**config.model_dump(), "resolved": resolved}, indent=2))
 
     first_round, base_loss = 0, None
     if resume:
@@ -173,7 +178,7 @@ def run(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = F
             save_checkpoint(protocol, out / "checkpoints", round_index, base_loss)
             bar.update(task, advance=1, description=f"{config.protocol}: rounds (eval ppl {_perplexity(eval_loss):.2f})")
 
-    save_peft_adapter(protocol.aggregator.global_state, protocol.global_lora_config(), out / "adapter", str(model_dir))
+    save_peft_adapter(protocol.aggregator.global_state, protocol.global_lora_config(), out / "adapter", protocol.ctx.model_dir)
     summary = _summary(config, protocol, log.records, base_loss, time.perf_counter() - started, plan)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_plots(log.records, summary, out)

@@ -10,6 +10,7 @@ so the global adapter exports straight to PEFT's on-disk format.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ def make_lora_config(
 
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     """Inject a new named adapter into ``model`` (in place)."""
-    inject_adapter_in_model(config, model, adapter_name=name)
+    with warnings.catch_warnings():  # several adapters on one model is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
     if not adapter_parameters(model, name):
         raise ValueError(
             f"lora.targets {config.target_modules} matched no module in layers "

@@ -36,10 +36,19 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 class ActivationMeter:
-    """Largest number of bytes autograd saved for backward in one metered forward pass."""
+    """Bytes autograd saves for backward during metered forward passes.
+
+    ``measure`` sets ``last`` to the bytes saved by one forward pass (storages are deduplicated
+    within the pass, while its graph keeps them alive); ``record`` keeps the largest total of
+    passes whose graphs coexist (e.g. parallel server copies).
+    """
 
     def __init__(self) -> None:
         self.peak = 0
+        self.last = 0
+
+    def record(self, total: int) -> None:
+        self.peak = max(self.peak, total)
 
     @contextmanager
     def measure(self, exclude: Iterable[torch.Tensor] = ()) -> Iterator[None]:
@@ -54,4 +63,4 @@ class ActivationMeter:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             yield
-        self.peak = max(self.peak, sum(seen.values()))
+        self.last = sum(seen.values())

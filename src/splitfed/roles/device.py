@@ -49,6 +49,7 @@ class Device:
         self.params = list(adapter_parameters(stage.model, adapter).values())
         self.optimizer = make_optimizer(self.params, train)
         self.meter = ActivationMeter()
+        self._module_tensors = module_tensors(stage.owned_modules())  # excluded from saved activations
         self._hidden: torch.Tensor | None = None
 
     # --- split training -------------------------------------------------------------
@@ -57,8 +58,9 @@ class Device:
         activate(self._lora_layers, [self.adapter])
         batch = self.stream.next_batch()
         positions = position_ids_for(batch.attention_mask)
-        with self.meter.measure(exclude=module_tensors(self.stage.owned_modules())):
+        with self.meter.measure(exclude=self._module_tensors):
             hidden = self.stage(batch.input_ids, batch.attention_mask, positions)  # (batch, seq, hidden)
+        self.meter.record(self.meter.last)
         self._hidden = hidden
         tensors = {"hidden": hidden, "attention_mask": batch.attention_mask, "labels": batch.labels}
         return Message("activations", self.name, round_index, step, tensors)
@@ -83,14 +85,15 @@ class Device:
         activate(self._lora_layers, [self.adapter])
         batch = self.stream.next_batch()
         positions = position_ids_for(batch.attention_mask)
-        with self.meter.measure(exclude=module_tensors(self.stage.owned_modules())):
+        with self.meter.measure(exclude=self._module_tensors):
             logits = self.stage(batch.input_ids, batch.attention_mask, positions)
             loss_sum, tokens = token_loss_sum(logits, batch.labels)
+        self.meter.record(self.meter.last)
         loss = loss_sum / max(tokens, 1)
         loss.backward()
         scale = clip_scale(grad_sq_norm(self.params), self.train.max_grad_norm)
         apply_step(self.optimizer, self.params, scale, lr)
-        return float(loss), tokens
+        return loss.item(), tokens
 
     # --- federation ---------------------------------------------------------------------
     def upload(self, round_index: int) -> Message:

@@ -28,6 +28,8 @@ class ServerSlot:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lora_layers: list = field(default_factory=list)
+    held_tensors: list[torch.Tensor] = field(default_factory=list)
+    """Every tensor of the slot's modules (excluded from the saved-activation count)."""
     server_sq_norm: float = 0.0
 
 
@@ -41,7 +43,9 @@ class Server:
         """Serve ``devices`` with the server-side ``stage`` and its LoRA ``adapter``."""
         params = list(adapter_parameters(stage.model, adapter).values())
         layers = [m for owned in stage.owned_modules() for m in lora_layers(owned)]
-        slot = ServerSlot(stage, adapter, params, make_optimizer(params, self.train), layers)
+        slot = ServerSlot(
+            stage, adapter, params, make_optimizer(params, self.train), layers, module_tensors(stage.owned_modules())
+        )
         for device in devices:
             self.slots[device] = slot
         return slot
@@ -60,9 +64,11 @@ class Server:
         by_slot: dict[int, list[tuple[int, Message]]] = {}
         for device, message in arrivals:
             by_slot.setdefault(id(self.slots[device]), []).append((device, message))
-        with self.meter.measure(exclude=[t for s in self.unique_slots() for t in module_tensors(s.stage.owned_modules())]):
-            for group in by_slot.values():
-                replies.update(self._run_slot(self.slots[group[0][0]], group))
+        saved = 0  # the slots of one group run in parallel: their saved activations coexist
+        for group in by_slot.values():
+            replies.update(self._run_slot(self.slots[group[0][0]], group))
+            saved += self.meter.last
+        self.meter.record(saved)
         return replies
 
     def _run_slot(self, slot: ServerSlot, group: list[tuple[int, Message]]) -> dict[int, Message]:
@@ -71,7 +77,8 @@ class Server:
         hidden = torch.cat([m.tensors["hidden"] for m in messages]).requires_grad_(True)  # (batch, seq, hidden)
         mask = torch.cat([m.tensors["attention_mask"] for m in messages])
         labels = torch.cat([m.tensors["labels"] for m in messages])
-        logits = slot.stage(hidden, mask, position_ids_for(mask))
+        with self.meter.measure(exclude=slot.held_tensors):
+            logits = slot.stage(hidden, mask, position_ids_for(mask))
         sizes = [m.tensors["hidden"].shape[0] for m in messages]
         sums, counts = zip(*(token_loss_sum(lg, lb) for lg, lb in zip(logits.split(sizes), labels.split(sizes))))
         total_tokens = max(sum(counts), 1)
@@ -80,7 +87,7 @@ class Server:
         replies = {}
         for (device, message), grad, loss_sum, count in zip(group, hidden.grad.split(sizes), sums, counts):
             own_grad = grad * (total_tokens / count) if count else grad  # d loss_u / d hidden_u
-            values = {"loss": float(loss_sum) / max(count, 1), "tokens": count, "server_sq_norm": slot.server_sq_norm}
+            values = {"loss": loss_sum.item() / max(count, 1), "tokens": count, "server_sq_norm": slot.server_sq_norm}
             replies[device] = Message("activation_grad", "server", message.round, message.step, {"grad": own_grad}, values)
         return replies
 

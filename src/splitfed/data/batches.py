@@ -1,0 +1,182 @@
+"""Tokenised datasets and the deterministic batch streams that feed training and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from splitfed.data.sources import DataError, Document
+
+IGNORE_INDEX = -100  # label value that Hugging Face causal-LM losses skip
+
+
+def _loss_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss: labels != -100 from position 1 on, since the LM predicts token t from tokens < t
+    (HF shifts labels by one inside the model, so a label at position 0 is never scored)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class TokenDataset:
+    """Fixed-length token rows; all tensors ``(n, seq)`` int64, ``labels`` is -100 where there is no loss."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Loss-bearing tokens (see ``_loss_tokens``: position 0 is never counted)."""
+        return _loss_tokens(self.labels)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> TokenDataset:
+        """The rows at ``indices``, in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)  # (k,)
+        return TokenDataset(self.input_ids[idx], self.labels[idx], self.attention_mask[idx])
+
+    @staticmethod
+    def concat(datasets: Sequence[TokenDataset]) -> TokenDataset:
+        """Stack the rows of several datasets with the same sequence length."""
+        if not datasets:
+            raise ValueError("TokenDataset.concat needs at least one dataset")
+        if len({d.seq_len for d in datasets}) > 1:
+            raise ValueError(f"cannot concat datasets of different sequence lengths {sorted({d.seq_len for d in datasets})}")
+        return TokenDataset(*(torch.cat([getattr(d, f) for d in datasets]) for f in ("input_ids", "labels", "attention_mask")))
+
+    @staticmethod
+    def empty(seq_len: int) -> TokenDataset:
+        """A dataset with no rows, shape ``(0, seq_len)``."""
+        zeros = torch.zeros(0, seq_len, dtype=torch.long)
+        return TokenDataset(zeros, zeros.clone(), zeros.clone())
+
+
+@dataclass
+class Batch:
+    """One training/evaluation batch; each tensor ``(batch, seq)`` int64."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Loss-bearing tokens, counted like ``TokenDataset.num_tokens``."""
+        return _loss_tokens(self.labels)
+
+
+def _special_ids(tokenizer: Any) -> tuple[int, int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token; it is needed to separate texts")
+    pad = tokenizer.pad_token_id
+    return eos, eos if pad is None else pad
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # verbose=False: whole plays exceed model_max_length, which is fine because we chunk them ourselves
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
+
+
+def tokenize_document(doc: Document, tokenizer: Any, seq_len: int) -> TokenDataset:
+    """Turn a document into ``(n, seq_len)`` rows.
+
+    Plain text: records joined by EOS, cut into non-overlapping ``seq_len`` chunks (remainder dropped),
+    loss on every token. Prompt/completion: one row per record (prompt + completion + EOS, truncated,
+    right-padded), loss on completion + EOS only; rows left with no loss token after truncation are dropped.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    eos, pad = _special_ids(tokenizer)
+    if doc.is_plain_text:
+        ids: list[int] = []
+        for i, record in enumerate(doc.records):
+            ids += ([eos] if i else []) + _encode(tokenizer, record.completion)
+        n = len(ids) // seq_len
+        if n == 0:
+            return TokenDataset.empty(seq_len)
+        input_ids = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (n, seq)
+        return TokenDataset(input_ids, input_ids.clone(), torch.ones_like(input_ids))
+
+    rows, row_labels, row_mask = [], [], []
+    for record in doc.records:
+        prompt = _encode(tokenizer, record.prompt)
+        target = _encode(tokenizer, record.completion) + [eos]
+        ids = (prompt + target)[:seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt) + target)[:seq_len]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            continue
+        padding = seq_len - len(ids)
+        rows.append(ids + [pad] * padding)
+        row_labels.append(labels + [IGNORE_INDEX] * padding)
+        row_mask.append([1] * len(ids) + [0] * padding)
+    if not rows:
+        return TokenDataset.empty(seq_len)
+    return TokenDataset(*(torch.tensor(x, dtype=torch.long) for x in (rows, row_labels, row_mask)))  # each (n, seq)
+
+
+class BatchStream:
+    """Endless, reproducible training batches: a fresh seeded permutation per epoch.
+
+    A batch that runs past the end of an epoch continues into the next one, so every batch has exactly
+    ``batch_size`` rows even when the dataset is smaller than a batch.
+    """
+
+    def __init__(self, dataset: TokenDataset, batch_size: int, seed: int) -> None:
+        if len(dataset) == 0:
+            raise DataError("cannot stream batches from an empty dataset (a device got no training rows)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self._generator = torch.Generator().manual_seed(seed)
+        self._permutation: torch.Tensor | None = None  # (n,) row order of the current epoch
+        self._position = 0  # next index into the permutation
+
+    def next_batch(self) -> Batch:
+        n = len(self.dataset)
+        parts = []
+        need = self.batch_size
+        while need:
+            if self._permutation is None or self._position >= n:
+                self._permutation = torch.randperm(n, generator=self._generator)
+                self._position = 0
+            take = min(need, n - self._position)
+            parts.append(self._permutation[self._position : self._position + take])
+            self._position += take
+            need -= take
+        rows = self.dataset.subset(torch.cat(parts))  # (batch, seq)
+        return Batch(rows.input_ids, rows.labels, rows.attention_mask)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the exact same batch sequence after a restart."""
+        return {
+            "generator": self._generator.get_state(),
+            "permutation": None if self._permutation is None else self._permutation.clone(),
+            "position": self._position,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        permutation = state["permutation"]
+        if permutation is not None and len(permutation) != len(self.dataset):
+            raise DataError(f"batch stream state is for {len(permutation)} rows but the dataset has "
+                            f"{len(self.dataset)}; resume with the same data settings")
+        self._generator.set_state(state["generator"])
+        self._permutation = None if permutation is None else permutation.clone()
+        self._position = int(state["position"])
+
+
+def iterate_batches(dataset: TokenDataset, batch_size: int) -> Iterator[Batch]:
+    """Rows in order, no shuffling, last batch possibly smaller: for evaluation."""
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset.subset(torch.arange(start, min(start + batch_size, len(dataset))))
+        yield Batch(rows.input_ids, rows.labels, rows.attention_mask)

