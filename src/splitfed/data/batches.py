@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from splitfed.data.sources import DataError, Document
@@ -39,7 +40,7 @@ class TokenDataset:
         """Loss-bearing tokens (see ``_loss_tokens``: position 0 is never counted)."""
         return _loss_tokens(self.labels)
 
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> TokenDataset:
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TokenDataset:
         """The rows at ``indices``, in that order."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)  # (k,)
         return TokenDataset(self.input_ids[idx], self.labels[idx], self.attention_mask[idx])
@@ -49,9 +50,11 @@ class TokenDataset:
         """Stack the rows of several datasets with the same sequence length."""
         if not datasets:
             raise ValueError("TokenDataset.concat needs at least one dataset")
-        if len({d.seq_len for d in datasets}) > 1:
-            raise ValueError(f"cannot concat datasets of different sequence lengths {sorted({d.seq_len for d in datasets})}")
-        return TokenDataset(*(torch.cat([getattr(d, f) for d in datasets]) for f in ("input_ids", "labels", "attention_mask")))
+        lengths = sorted({d.seq_len for d in datasets})
+        if len(lengths) > 1:
+            raise ValueError(f"cannot concat datasets of different sequence lengths {lengths}")
+        fields = ("input_ids", "labels", "attention_mask")
+        return TokenDataset(*(torch.cat([getattr(d, f) for d in datasets]) for f in fields))
 
     @staticmethod
     def empty(seq_len: int) -> TokenDataset:

@@ -155,9 +155,10 @@ def _parse_jsonl_line(line: str, where: str) -> Record:
 
 def _load_jsonl(path: Path) -> Document:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a string
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path.name}: not valid UTF-8 ({exc.reason} at byte {exc.start}); JSONL must be UTF-8") from None
+        reason = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        raise DataError(f"{path.name}: {reason}; JSONL must be UTF-8") from None
     records = tuple(_parse_jsonl_line(line, f"{path.name}:{i}") for i, line in enumerate(lines, 1) if line.strip())
     if not records:
         raise DataError(f"{path.name}: no records; expected one JSON object per line with 'text' or "
