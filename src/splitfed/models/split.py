@@ -112,9 +112,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Summed next-token cross-entropy and the number of counted tokens.
 
     logits: (batch, seq, vocab); labels: (batch, seq) with IGNORE_INDEX where no loss.
+    The labels are shifted (not the logits), so the large logits tensor is never copied.
     Summing (not averaging) lets a server weight several devices' batches exactly.
     """
-    shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((shift_labels != IGNORE_INDEX).sum())
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (batch * seq,)
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])  # a view for contiguous fp32 logits
+    total = F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((targets != IGNORE_INDEX).sum())
