@@ -184,11 +184,11 @@ def _parse_value(raw: str) -> object:
 def _format_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "config"
+        field = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"
-        lines.append(f"{field}: {message}")
+        lines.append(f"{field}: {message}" if field else message)
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

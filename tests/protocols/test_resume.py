@@ -1,0 +1,40 @@
+"""A run resumed from its last checkpoint ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splitfed.run import run
+from tests.conftest import tiny_run_config
+
+
+@pytest.mark.parametrize("protocol", ["sfl", "memsfl", "fedlora"])
+def test_resume_matches_uninterrupted_run(tiny_llama_dir, corpus_dir, tmp_path, protocol):
+    def config(rounds: int):
+        return tiny_run_config(tiny_llama_dir, corpus_dir, protocol, devices={"count": 3, "cuts": [2] if protocol == "sfl" else [1, 3]},
+                               train={"rounds": rounds, "local_steps": 2, "devices_per_round": 2})
+
+    run(config(3), tmp_path / "whole", progress=False)
+    run(config(2), tmp_path / "resumed", progress=False)  # "crashes" after round 2 of 3
+    run(config(3), tmp_path / "resumed", progress=False, resume=True)
+
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+    def records(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
+
+    assert records("whole") == records("resumed")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_llama_dir, corpus_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        run(tiny_run_config(tiny_llama_dir, corpus_dir, "sfl"), tmp_path / "empty", progress=False, resume=True)
