@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PROTOCOLS = ("sfl", "memsfl", "sflv1", "centralized", "fedlora")
 SPLIT_PROTOCOLS = ("sfl", "memsfl", "sflv1")
@@ -88,20 +88,12 @@ class DevicesSection(_Section):
     ranks: list[int] = []
     """LoRA rank per device, cycled; empty means lora.rank for all."""
 
-    @field_validator("cuts")
+    @field_validator("cuts", "ranks")
     @classmethod
-    def _cuts_positive(cls, value: list[int]) -> list[int]:
-        bad = [c for c in value if c < 1]
+    def _at_least_one(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        bad = [v for v in value if v < 1]
         if bad:
-            raise ValueError(f"devices.cuts must be >= 1 (a device holds at least one layer); got {bad}")
-        return value
-
-    @field_validator("ranks")
-    @classmethod
-    def _ranks_positive(cls, value: list[int]) -> list[int]:
-        bad = [r for r in value if r < 1]
-        if bad:
-            raise ValueError(f"devices.ranks must be >= 1; got {bad}")
+            raise ValueError(f"devices.{info.field_name} must be >= 1; got {bad}")
         return value
 
     @field_validator("memory_mb")

@@ -78,16 +78,16 @@ class Protocol(ABC):
         self.build()
 
     # --- building blocks ------------------------------------------------------------------
-    def add_adapter(self, name: str, rank: int, layers: range, model: nn.Module | None = None) -> None:
+    def lora_config(self, rank: int, layers: range):
         lora = self.config.lora
-        config = make_lora_config(self.family, lora.targets, rank, lora.alpha / lora.rank, list(layers), lora.dropout)
-        add_adapter(model if model is not None else self.model, name, config)
+        return make_lora_config(self.family, lora.targets, rank, lora.alpha / lora.rank, list(layers), lora.dropout)
+
+    def add_adapter(self, name: str, rank: int, layers: range, model: nn.Module | None = None) -> None:
+        add_adapter(model if model is not None else self.model, name, self.lora_config(rank, layers))
 
     def global_lora_config(self):
-        lora = self.config.lora
-        return make_lora_config(
-            self.family, lora.targets, self.global_rank, lora.alpha / lora.rank, list(range(self.total_layers))
-        )
+        """The PEFT config of the exported global adapter (all layers, the largest rank)."""
+        return self.lora_config(self.global_rank, range(self.total_layers))
 
     def make_device(self, device: int, spec: StageSpec, data: TokenDataset) -> Device:
         name = f"device{device}"

@@ -51,6 +51,8 @@ class Device:
         self.meter = ActivationMeter()
         self._module_tensors = module_tensors(stage.owned_modules())  # excluded from saved activations
         self._hidden: torch.Tensor | None = None
+        self.last_loss = float("nan")  # mean loss of the last split step, as the server reported it
+        self.last_tokens = 0
 
     # --- split training -------------------------------------------------------------
     def forward(self, round_index: int, step: int) -> Message:
