@@ -107,6 +107,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
+        self.on_record = lambda record: None  # e.g. advance a progress bar
         self.records: list[dict] = []
         if append and path.exists():
             self.records = [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -117,6 +118,7 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.on_record(record)
 
 
 def _perplexity(loss: float) -> float:
@@ -155,6 +157,9 @@ def run(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = F
             base_loss = protocol.evaluate(data.eval)
             bar.update(task, advance=1)
         task = bar.add_task(f"{config.protocol}: rounds", total=config.train.rounds, completed=first_round)
+        device_steps = config.train.local_steps * len(protocol.participants(first_round))
+        steps_task = bar.add_task("  device steps", total=(config.train.rounds - first_round) * device_steps)
+        log.on_record = lambda record: record["kind"] == "step" and bar.update(steps_task, advance=1)
         for round_index in range(first_round, config.train.rounds):
             participants = protocol.participants(round_index)
             up_before, down_before = protocol.link.total_up, protocol.link.total_down
