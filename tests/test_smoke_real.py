@@ -41,3 +41,12 @@ def test_smollm2_memsfl_round_on_shakespeare(tmp_path):
     assert summary["cuts"] == [2, 5]
     assert 0 < summary["peak_mem_device_bytes"] < summary["peak_mem_server_bytes"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gguf_file_source_uses_the_prepared_cache():
+    from splitfed.models.loading import SHIPPED_MODELS, load_model_config
+
+    directory, gguf = resolve_source("smollm2")
+    assert gguf is not None and gguf.name == SHIPPED_MODELS["smollm2"][1]
+    assert resolve_source(str(gguf)) == (directory, gguf)  # a .gguf path shares the cache
+    assert load_model_config(str(gguf)).num_hidden_layers == 30

@@ -1,0 +1,48 @@
+"""The command line: a run fills its directory and prints a summary; a bad config is one clear error."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from splitfed.cli import app
+
+runner = CliRunner()
+
+
+def _write_config(path, model_dir, corpus_dir, cuts: str) -> None:
+    path.write_text(
+        f'protocol = "memsfl"\n[model]\nsource = "{model_dir}"\n[data]\nsource = "{corpus_dir}"\neval_chunks = 4\n'
+        f'[lora]\nrank = 2\n[train]\nrounds = 1\nlocal_steps = 1\nbatch_size = 2\nseq_len = 16\n'
+        f"[devices]\ncount = 2\ncuts = {cuts}\n"
+    )
+
+
+def test_run_fills_the_run_directory(tiny_llama_dir, corpus_dir, tmp_path):
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[1, 3]")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(config), "--out", str(out), "--quiet", "--set", "train.local_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert "held-out perplexity" in result.output
+    for name in ("config.json", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "checkpoints/latest", "loss.png", "perplexity.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    required = {"protocol", "rounds", "devices", "base_eval_loss", "base_eval_ppl", "final_eval_loss", "final_eval_ppl",
+                "bytes_up", "bytes_down", "peak_mem_device_bytes", "peak_mem_server_bytes",
+                "trainable_params_device", "trainable_params_server", "wall_s"}
+    assert required <= summary.keys()
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["kind"] == "step"] == [0, 0, 1, 1]  # --set took effect
+    assert json.loads((out / "config.json").read_text())["resolved"]["cuts"] == [1, 3]
+
+
+def test_bad_config_is_one_clear_error(tiny_llama_dir, corpus_dir, tmp_path):
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[2, 9]")
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "devices.cuts: cut 9 of device 1 is past the last layer" in result.output
+    assert not (tmp_path / "run").exists()  # nothing created before validation passed
