@@ -38,7 +38,8 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 
 def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) the section ``name`` of docs/benchmarks.md and print it."""
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve().relative_to(DOC.parent.parent).as_posix()
+    command = "python " + " ".join([script, *sys.argv[1:]])
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     section = (
         f"<!-- {name}:start -->\n## {title}\n\n"
