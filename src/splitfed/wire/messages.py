@@ -37,6 +37,14 @@ SCHEMAS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "adapter_upload": (frozenset(), frozenset({"num_samples"})),
     # aggregator -> device: global adapter slice for the next round
     "adapter_download": (frozenset(), frozenset()),
+    # server -> device process: run an operation that carries no data of its own
+    "call": (frozenset(), frozenset({"op"})),
+    # device process -> server: an operation finished (values may carry its result)
+    "ack": (frozenset(), frozenset()),
+    # either way: the message just received was refused, and why
+    "error": (frozenset(), frozenset({"reason"})),
+    # device process <-> server: a role's adapter, optimizer and data-stream state (checkpoints)
+    "role_state": (frozenset(), frozenset({"meta"})),
 }
 
 

@@ -1,0 +1,67 @@
+"""The gRPC transport on loopback: framing, admission, chunked payloads, bad frames."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitfed.runtime.grpc.frames import HEADER, FrameError, Reassembler, split_frames
+from splitfed.runtime.grpc.transport import DeviceLost, LinkServer, TransportSettings, connect
+from splitfed.wire.messages import Message, MessageError
+
+SETTINGS = TransportSettings(chunk_size=64 << 10, max_message_bytes=16 << 20, keepalive_ms=2000)
+
+
+@pytest.fixture
+def server():
+    link = LinkServer("127.0.0.1:0", {0: "secret-0", 1: "secret-1"}, SETTINGS)
+    yield link
+    link.stop(grace=0)
+
+
+def _address(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def test_frames_round_trip_and_reject_garbage():
+    data = bytes(range(256)) * 1000
+    reassembler = Reassembler(max_message_bytes=1 << 20)
+    frames = split_frames(7, data, chunk_size=10_000)
+    assert [reassembler.feed(f) for f in frames[:-1]] == [None] * (len(frames) - 1)
+    assert reassembler.feed(frames[-1]) == data
+    with pytest.raises(FrameError, match="shorter than its 16-byte header"):
+        reassembler.feed(b"abc")
+    with pytest.raises(FrameError, match="out of order"):
+        reassembler.feed(frames[2])
+    with pytest.raises(FrameError, match="size limit"):
+        Reassembler(max_message_bytes=100).feed(HEADER.pack(1, 0, 1) + b"x" * 101)
+
+
+def test_authenticated_device_exchanges_large_messages(server):
+    device = connect(_address(server), 0, "secret-0", SETTINGS)
+    assert server.wait_for([0], timeout=10) == [0]
+    hidden = torch.randn(8, 128, 576)  # 2.4 MB: many frames
+    sent = server.session(0).send(Message("call", "server", 1, 2, {"hidden": hidden}, {"op": "forward"}))
+    message, size = device.receive(timeout=10)
+    assert size == sent and message.values == {"op": "forward"} and torch.equal(message.tensors["hidden"], hidden)
+    device.send(Message("ack", "device0", 1, 2))
+    reply, _ = server.session(0).receive(timeout=10)
+    assert reply.kind == "ack"
+
+
+@pytest.mark.parametrize(("device", "token", "reason"), [(0, "wrong", "UNAUTHENTICATED"), (5, "secret-0", "PERMISSION_DENIED")])
+def test_wrong_token_or_unknown_id_is_refused(server, device, token, reason):
+    intruder = connect(_address(server), device, token, SETTINGS)
+    with pytest.raises(DeviceLost, match=reason):
+        intruder.receive(timeout=10)
+    assert server.session(device) is None and server.rejected
+
+
+def test_bad_frame_is_an_error_then_the_stream_goes_on(server):
+    device = connect(_address(server), 1, "secret-1", SETTINGS)
+    server.wait_for([1], timeout=10)
+    device._outbox.put(b"\x00" * 3)  # a malformed frame straight onto the wire
+    with pytest.raises(MessageError, match="shorter than its 16-byte header"):
+        server.session(1).receive(timeout=10)
+    device.send(Message("ack", "device1", 0, 0))
+    assert server.session(1).receive(timeout=10)[0].kind == "ack"
