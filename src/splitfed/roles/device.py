@@ -22,6 +22,7 @@ from splitfed.models.split import Stage, position_ids_for, token_loss_sum
 from splitfed.optim import apply_step, clip_scale, grad_sq_norm, make_optimizer
 from splitfed.roles.accounting import ActivationMeter, module_tensors, optimizer_tensors, unique_bytes
 from splitfed.wire.messages import Message
+from splitfed.wire.state import flatten, unflatten
 
 
 def base_tensors(stage: Stage) -> list[torch.Tensor]:
@@ -32,6 +33,20 @@ def base_tensors(stage: Stage) -> list[torch.Tensor]:
         for name, t in (*module.named_parameters(), *module.named_buffers())
         if ".lora_" not in f".{name}"
     ]
+
+
+def export_trainable(model: torch.nn.Module, adapter: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """A role's adapter and optimizer state as (tensors, JSON-able meta)."""
+    tensors = {f"adapter/{k}": v for k, v in get_adapter_state(model, adapter).items()}
+    return tensors, {"optimizer": flatten("optimizer", optimizer.state_dict(), tensors)}
+
+
+def import_trainable(
+    model: torch.nn.Module, adapter: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict
+) -> None:
+    state = {k.removeprefix("adapter/"): v for k, v in tensors.items() if k.startswith("adapter/")}
+    set_adapter_state(model, adapter, state)
+    optimizer.load_state_dict(unflatten(meta["optimizer"], tensors))
 
 
 class Device:
@@ -105,8 +120,20 @@ class Device:
     def download(self, message: Message) -> None:
         set_adapter_state(self.stage.model, self.adapter, message.tensors)
 
-    def adapter_state(self) -> AdapterState:
-        return get_adapter_state(self.stage.model, self.adapter)
+    @property
+    def layers(self) -> range:
+        """Decoder layers this device trains (its adapter's slice of the global LoRA)."""
+        return self.stage.spec.layers
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Adapter, optimizer and batch-stream position as (tensors, JSON-able meta): a checkpoint."""
+        tensors, meta = export_trainable(self.stage.model, self.adapter, self.optimizer)
+        meta["stream"] = flatten("stream", self.stream.state_dict(), tensors)
+        return tensors, meta
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        import_trainable(self.stage.model, self.adapter, self.optimizer, tensors, meta)
+        self.stream.load_state_dict(unflatten(meta["stream"], tensors))
 
     # --- accounting ---------------------------------------------------------------------
     def held_bytes(self) -> int:

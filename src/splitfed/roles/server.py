@@ -17,7 +17,7 @@ from splitfed.config import TrainSection
 from splitfed.models.split import Stage, position_ids_for, token_loss_sum
 from splitfed.optim import apply_step, clip_scale, grad_sq_norm, make_optimizer
 from splitfed.roles.accounting import ActivationMeter, module_tensors, optimizer_tensors, unique_bytes
-from splitfed.roles.device import base_tensors
+from splitfed.roles.device import base_tensors, export_trainable, import_trainable
 from splitfed.wire.messages import Message
 
 
@@ -31,6 +31,12 @@ class ServerSlot:
     held_tensors: list[torch.Tensor] = field(default_factory=list)
     """Every tensor of the slot's modules (excluded from the saved-activation count)."""
     server_sq_norm: float = 0.0
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return export_trainable(self.stage.model, self.adapter, self.optimizer)
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        import_trainable(self.stage.model, self.adapter, self.optimizer, tensors, meta)
 
 
 class Server:
