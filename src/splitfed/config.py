@@ -13,6 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from splitfed.system.profiles import DEVICE_CLASSES, SERVERS
+from splitfed.wire.codecs import parse_pipeline
+
 PROTOCOLS = ("sfl", "memsfl", "sflv1", "centralized", "fedlora")
 SPLIT_PROTOCOLS = ("sfl", "memsfl", "sflv1")
 
@@ -77,6 +80,8 @@ class TrainSection(_Section):
 class ServerSection(_Section):
     mode: Literal["parallel", "sequential"] = "parallel"
     """sfl only: process the devices' batches together, or one by one in arrival order."""
+    scheduler: Literal["fifo", "schrage", "exact", "random"] = "fifo"
+    """memsfl: order in which the server serves the devices (splitfed.planning.schedule)."""
 
 
 class DevicesSection(_Section):
@@ -105,6 +110,76 @@ class DevicesSection(_Section):
         return value
 
 
+class CompressionSection(_Section):
+    """Codec pipelines per direction, e.g. ``"topk:0.1 > quant:4 > zstd"`` (see splitfed.wire.codecs)."""
+
+    activations: str = "none"
+    """Device -> server activations (``hidden``)."""
+    gradients: str = "none"
+    """Server -> device activation gradients (``grad``)."""
+    adapters: str = "none"
+    """Adapter uploads and downloads (every LoRA tensor)."""
+    error_feedback: bool = False
+    """Add what compression dropped from each stream's last tensor to its next one."""
+
+    @field_validator("activations", "gradients", "adapters")
+    @classmethod
+    def _valid_pipeline(cls, value: str) -> str:
+        parse_pipeline(value)  # a SpecError (ValueError) is reported under the field's name
+        return value
+
+
+class SystemSection(_Section):
+    """The simulated system behind ``sim_s``: device classes, server, OFDMA channel."""
+
+    device_classes: list[str] = ["phone", "laptop", "jetson"]
+    """Device class per device, cycled (splitfed.system.profiles.DEVICE_CLASSES)."""
+    server: str = "edge_server"
+    """Server profile (splitfed.system.profiles.SERVERS)."""
+    subchannels: int | None = Field(None, ge=1)
+    """OFDMA subchannels; None: 16, or one per device of a round if more."""
+    subchannel_hz: float = Field(1e6, gt=0)
+    """Bandwidth of each subchannel, Hz."""
+    noise_dbm_per_hz: float = -174.0
+    fading: Literal["rayleigh", "none"] = "rayleigh"
+    seed: int | None = None
+    """Seed of device positions, speeds and fading; None: the run seed."""
+
+    @field_validator("device_classes")
+    @classmethod
+    def _known_classes(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in DEVICE_CLASSES]
+        if unknown or not value:
+            raise ValueError(f"unknown device classes {unknown}; allowed: {', '.join(DEVICE_CLASSES)}")
+        return value
+
+    @field_validator("server")
+    @classmethod
+    def _known_server(cls, value: str) -> str:
+        if value not in SERVERS:
+            raise ValueError(f"unknown server profile {value!r}; allowed: {', '.join(SERVERS)}")
+        return value
+
+
+class RuntimeSection(_Section):
+    """How roles talk: in one process (default), or as gRPC processes (``splitfed serve`` / ``splitfed device``)."""
+
+    kind: Literal["inproc", "grpc"] = "inproc"
+    address: str = "127.0.0.1:50051"
+    """Where the server listens and devices dial."""
+    tokens: list[str] = []
+    """grpc: the secret token of device i is tokens[i]; devices not listed are refused."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """A device that does not answer a request within this time is dropped from the round."""
+    connect_timeout_s: float = Field(300.0, gt=0)
+    """How long ``serve`` waits for the devices to connect before the first round."""
+    max_message_mb: float = Field(256.0, gt=0)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    """With a CA, devices must present certificates signed by it (mutual TLS)."""
+
+
 class RunConfig(_Section):
     protocol: str = "sfl"
     seed: int = 0
@@ -114,6 +189,9 @@ class RunConfig(_Section):
     train: TrainSection = TrainSection()
     server: ServerSection = ServerSection()
     devices: DevicesSection = DevicesSection()
+    runtime: RuntimeSection = RuntimeSection()
+    compression: CompressionSection = CompressionSection()
+    system: SystemSection = SystemSection()
 
     @field_validator("protocol")
     @classmethod
@@ -134,6 +212,20 @@ class RunConfig(_Section):
             raise ValueError(
                 f"protocol 'sfl' uses one cut for all devices; devices.cuts={self.devices.cuts} "
                 "(use 'memsfl' for per-device cuts)"
+            )
+        if self.system.subchannels is not None and self.system.subchannels < self.participants_per_round:
+            raise ValueError(
+                f"system.subchannels={self.system.subchannels} cannot give each of the "
+                f"{self.participants_per_round} devices of a round a subchannel"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _runtime_checks(self) -> RunConfig:
+        if self.runtime.kind == "grpc" and len(self.runtime.tokens) < self.devices.count:
+            raise ValueError(
+                f"runtime.tokens: grpc needs one token per device; got {len(self.runtime.tokens)} "
+                f"for devices.count={self.devices.count}"
             )
         return self
 

@@ -25,6 +25,7 @@ from splitfed.models.loading import load_model, load_model_config, load_tokenize
 from splitfed.protocols import PROTOCOL_CLASSES
 from splitfed.protocols.base import Context, Protocol
 from splitfed.report import write_plots
+from splitfed.runtime.inproc import compression_summary
 from splitfed.system.costs import device_memory_bytes, deepest_cut, layer_costs
 
 MB = 1024 * 1024
@@ -125,7 +126,7 @@ def _perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def build_protocol(plan: Plan, log) -> tuple[Protocol, FederatedData]:
+def build_protocol(plan: Plan, log, remote: object | None = None) -> tuple[Protocol, FederatedData]:
     """Load the model and data of a validated plan and build the protocol's roles."""
     config = plan.config
     torch.manual_seed(config.seed)
@@ -133,17 +134,22 @@ def build_protocol(plan: Plan, log) -> tuple[Protocol, FederatedData]:
     model_dir = prepare_model(config.model.source)
     model = load_model(config.model.source)
     data = build_data(plan, load_tokenizer(config.model.source))
-    protocol = PROTOCOL_CLASSES[config.protocol](Context(config, model, str(model_dir), data, plan.cuts, log))
+    protocol = PROTOCOL_CLASSES[config.protocol](Context(config, model, str(model_dir), data, plan.cuts, log, remote))
     return protocol, data
 
 
-def run(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
-    """Run a whole experiment into ``out`` and return its summary."""
+def run(
+    config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False, remote: object | None = None
+) -> dict:
+    """Run a whole experiment into ``out`` and return its summary.
+
+    ``remote``: handles of device processes (gRPC runtime); None runs every role in this process.
+    """
     started = time.perf_counter()
     plan = plan_run(config)  # fail on a bad config before creating anything
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", append=resume)
-    protocol, data = build_protocol(plan, log)
+    protocol, data = build_protocol(plan, log, remote)
     resolved = {"cuts": plan.cuts, "model_dir": protocol.ctx.model_dir}
     (out / "config.json").write_text(json.dumps({**config.model_dump(), "resolved": resolved}, indent=2))
 
@@ -176,8 +182,10 @@ def run(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = F
                     "bytes_up": protocol.link.total_up - up_before,
                     "bytes_down": protocol.link.total_down - down_before,
                     "wall_s": time.perf_counter() - started,
+                    "sim_s": protocol.clock.round_s,
                     "eval_loss": eval_loss,
                     "eval_ppl": _perplexity(eval_loss),
+                    **protocol.link.take_stats(),
                 }
             )
             save_checkpoint(protocol, out / "checkpoints", round_index, base_loss)
@@ -208,5 +216,7 @@ def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_lo
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         **protocol.memory(),
+        **compression_summary(rounds),
         "wall_s": wall,
+        "sim_s": sum(r["sim_s"] for r in rounds),
     }

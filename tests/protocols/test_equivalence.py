@@ -46,7 +46,7 @@ def _plain_peft_losses(config, steps: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

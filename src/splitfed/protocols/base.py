@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ from splitfed.optim import lr_at
 from splitfed.roles.aggregator import Aggregator
 from splitfed.roles.device import Device
 from splitfed.runtime.inproc import InProcessLink
+from splitfed.system.clock import Clock
+from splitfed.wire.messages import Message
 
 GLOBAL_ADAPTER = "global"
 
@@ -39,6 +42,12 @@ GLOBAL_ADAPTER = "global"
 def derive_seed(*parts: int) -> int:
     """An independent 63-bit seed for each (run seed, purpose, index) tuple."""
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def lora_config(config: RunConfig, family: Family, rank: int, layers: range):
+    """The PEFT LoraConfig of an adapter with ``rank`` on ``layers`` (alpha / rank fixed by the config)."""
+    lora = config.lora
+    return make_lora_config(family, lora.targets, rank, lora.alpha / lora.rank, list(layers), lora.dropout)
 
 
 @dataclass
@@ -52,6 +61,8 @@ class Context:
     cuts: list[int]
     """Resolved cut depth per device (split protocols)."""
     log: Callable[[dict], None]
+    remote: object | None = None
+    """Handles of device processes (``runtime.grpc.remote.RemoteDevices``); None: devices run here."""
 
 
 class Protocol(ABC):
@@ -63,7 +74,13 @@ class Protocol(ABC):
         self.model = ctx.model
         self.family: Family = family_for(ctx.model.config)
         self.total_layers = num_layers(ctx.model.config)
-        self.link = InProcessLink()
+        if ctx.remote is not None:  # devices are other processes: the transport counts the bytes
+            self.link = ctx.remote.link
+        else:
+            self.link = InProcessLink(self.config.compression, derive_seed(self.config.seed, 3))
+        self.clock = Clock(self.config, ctx.model.config, ctx.cuts)
+        self.sent: defaultdict[tuple[int, str], int] = defaultdict(int)
+        """Bytes per (device, message kind) since the last ``take_sent``: what the clock consumes."""
         self.step_index = 0
         self.total_steps = self.config.train.rounds * self.config.train.local_steps
         ranks = [self.config.device_rank(u) for u in range(self.config.devices.count)]
@@ -79,8 +96,7 @@ class Protocol(ABC):
 
     # --- building blocks ------------------------------------------------------------------
     def lora_config(self, rank: int, layers: range):
-        lora = self.config.lora
-        return make_lora_config(self.family, lora.targets, rank, lora.alpha / lora.rank, list(layers), lora.dropout)
+        return lora_config(self.config, self.family, rank, layers)
 
     def add_adapter(self, name: str, rank: int, layers: range, model: nn.Module | None = None) -> None:
         add_adapter(model if model is not None else self.model, name, self.lora_config(rank, layers))
@@ -90,6 +106,8 @@ class Protocol(ABC):
         return self.lora_config(self.global_rank, range(self.total_layers))
 
     def make_device(self, device: int, spec: StageSpec, data: TokenDataset) -> Device:
+        if self.ctx.remote is not None:
+            return self.ctx.remote.device(device, spec)
         name = f"device{device}"
         self.add_adapter(name, self.config.device_rank(device), spec.layers)
         seed = derive_seed(self.config.seed, 1, device)
@@ -105,7 +123,28 @@ class Protocol(ABC):
     def current_lr(self) -> float:
         return lr_at(self.step_index, self.total_steps, self.config.train)
 
-    def log_step(self, round_index: int, step: int, device: int, loss: float, tokens: int, started: float) -> None:
+    def up(self, device: int, message: Message) -> Message:
+        """Deliver ``message`` from ``device`` to the server side, noting its bytes for the clock."""
+        before = self.link.total_up
+        delivered = self.link.up(device, message)
+        self.sent[(device, message.kind)] += self.link.total_up - before
+        return delivered
+
+    def down(self, device: int, message: Message) -> Message:
+        """Deliver ``message`` to ``device``, noting its bytes for the clock."""
+        before = self.link.total_down
+        delivered = self.link.down(device, message)
+        self.sent[(device, message.kind)] += self.link.total_down - before
+        return delivered
+
+    def take_sent(self) -> dict[tuple[int, str], int]:
+        sent, self.sent = dict(self.sent), defaultdict(int)
+        return sent
+
+    def log_step(
+        self, round_index: int, step: int, device: int, loss: float, tokens: int, started: float, sim_s: float
+    ) -> None:
+        """One step record; ``sim_s``: simulated seconds from step start until ``device`` is done."""
         up, down = self.link.take_counts(device)
         self.ctx.log(
             {
@@ -118,6 +157,7 @@ class Protocol(ABC):
                 "bytes_up": up,
                 "bytes_down": down,
                 "wall_s": time.perf_counter() - started,
+                "sim_s": sim_s,
             }
         )
 

@@ -31,24 +31,28 @@ class LocalProtocol(Protocol):
     def _transfer(self, device: int, message: Message, direction: str) -> Message:
         if not self.federated:
             return message
-        return self.link.up(device, message) if direction == "up" else self.link.down(device, message)
+        return self.up(device, message) if direction == "up" else self.down(device, message)
 
     def train_round(self, round_index: int, participants: list[int]) -> None:
+        self.clock.begin_round(round_index, participants)
         for u in participants:
             state = self.aggregator.global_state
             message = Message("adapter_download", "aggregator", round_index, 0, state)
             self.devices[u].download(self._transfer(u, message, "down"))
+        self.clock.transfer(self.take_sent(), "down")
         self.link.clear_pending()  # adapter downloads are counted per round, not per step
         for step in range(self.config.train.local_steps):
             started, lr = time.perf_counter(), self.current_lr()
+            done = self.clock.local_step(participants, on_server=not self.federated)
             for u in participants:
                 loss, tokens = self.devices[u].local_step(lr)
-                self.log_step(round_index, step, u, loss, tokens, started)
+                self.log_step(round_index, step, u, loss, tokens, started, done[u])
             self.step_index += 1
         uploads = []
         for u in participants:
             upload = self._transfer(u, self.devices[u].upload(round_index), "up")
             uploads.append((upload.tensors, float(upload.values["num_samples"])))
+        self.clock.transfer(self.take_sent(), "up")
         self.aggregator.aggregate(uploads)
 
     def memory(self) -> dict[str, int]:

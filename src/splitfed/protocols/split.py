@@ -45,33 +45,40 @@ class SplitProtocol(Protocol):
         set_adapter_state(slot.stage.model, slot.adapter, self.aggregator.slice(slot.stage.spec.layers))
 
     def train_round(self, round_index: int, participants: list[int]) -> None:
-        link, devices, server = self.link, self.devices, self.server
+        devices, server, clock = self.devices, self.server, self.clock
+        clock.begin_round(round_index, participants)
         for u in participants:
             device = devices[u]
-            state = self.aggregator.slice(device.stage.spec.layers)
-            device.download(link.down(u, Message("adapter_download", "aggregator", round_index, 0, state)))
+            state = self.aggregator.slice(device.layers)
+            device.download(self.down(u, Message("adapter_download", "aggregator", round_index, 0, state)))
         for slot in {id(server.slots[u]): server.slots[u] for u in participants}.values():
             self._load_slot(slot)
+        clock.transfer(self.take_sent(), "down")
 
         self.link.clear_pending()  # adapter downloads are counted per round, not per step
         for step in range(self.config.train.local_steps):
             started, lr = time.perf_counter(), self.current_lr()
-            for group in self.groups(participants):
-                arrivals = [(u, link.up(u, devices[u].forward(round_index, step))) for u in group]
+            groups = self.groups(participants)
+            for group in groups:
+                arrivals = [(u, self.up(u, devices[u].forward(round_index, step))) for u in group]
                 gradients = server.process(arrivals)
-                norms = {u: link.up(u, devices[u].backward(link.down(u, gradients[u]))) for u in group}
+                norms = {u: self.up(u, devices[u].backward(self.down(u, gradients[u]))) for u in group}
                 for u, reply in server.finish(norms, lr).items():
-                    devices[u].apply(link.down(u, reply), lr)
+                    devices[u].apply(self.down(u, reply), lr)
+            slots = len({id(server.slots[u]) for u in participants})
+            one_slot_rank = self.global_rank if len(server.unique_slots()) == 1 else None
+            done = clock.split_step(groups, self.take_sent(), slots < len(groups), one_slot_rank)
             for u in participants:
-                self.log_step(round_index, step, u, devices[u].last_loss, devices[u].last_tokens, started)
+                self.log_step(round_index, step, u, devices[u].last_loss, devices[u].last_tokens, started, done[u])
             self.step_index += 1
 
         uploads = []
         for u in participants:
-            upload = link.up(u, devices[u].upload(round_index))
+            upload = self.up(u, devices[u].upload(round_index))
             slot = server.slots[u]
             full_depth = {**upload.tensors, **get_adapter_state(slot.stage.model, slot.adapter)}
             uploads.append((full_depth, float(upload.values["num_samples"])))
+        clock.transfer(self.take_sent(), "up")
         self.aggregator.aggregate(uploads)
 
     def memory(self) -> dict[str, int]:

@@ -212,7 +212,8 @@ def connect(address: str, device: int, token: str, settings: TransportSettings =
     else:
         channel = grpc.insecure_channel(address, options=options)
     session = Session("server", settings)
-    call = channel.stream_stream(METHOD)(session.outgoing(), metadata=((DEVICE_KEY, str(device)), (TOKEN_KEY, token)))
+    metadata = ((DEVICE_KEY, str(device)), (TOKEN_KEY, token))
+    call = channel.stream_stream(METHOD)(session.outgoing(), metadata=metadata, wait_for_ready=True)
 
     def read() -> None:
         try:

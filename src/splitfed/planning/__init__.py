@@ -1,0 +1,1 @@
+"""Decisions on top of the system model: server scheduling (schedule.py)."""

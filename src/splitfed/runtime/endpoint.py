@@ -1,0 +1,70 @@
+"""A device process's side of the protocol: turn each request into a call on the local Device.
+
+Transport-agnostic: ``serve_device`` reads messages from any session with ``receive`` and
+``send``. A request that fails is answered with an ``error`` message; the process keeps
+serving until the server says ``stop`` or the connection ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from splitfed.roles.device import Device
+from splitfed.wire.messages import Message, MessageError
+
+log = logging.getLogger("splitfed.device")
+
+
+def handle(device: Device, message: Message) -> Message:
+    """The reply to one request."""
+    r, s, name = message.round, message.step, device.name
+    op = message.values.get("op") if message.kind == "call" else message.kind
+    if op == "forward":
+        return device.forward(r, s)
+    if op == "activation_grad":
+        return device.backward(message)
+    if op == "clip_scale":
+        device.apply(message, float(message.values["lr"]))
+        return Message("ack", name, r, s)
+    if op == "local_step":
+        loss, tokens = device.local_step(float(message.values["lr"]))
+        return Message("ack", name, r, s, values={"loss": loss, "tokens": tokens})
+    if op == "upload":
+        return device.upload(r)
+    if op == "adapter_download":
+        device.download(message)
+        return Message("ack", name, r, s)
+    if op == "export_state":
+        tensors, meta = device.export_state()
+        return Message("role_state", name, r, s, tensors, {"meta": json.dumps(meta)})
+    if op == "role_state":
+        device.import_state(message.tensors, json.loads(str(message.values["meta"])))
+        return Message("ack", name, r, s)
+    if op == "report":
+        return Message("ack", name, r, s, values={"peak_bytes": device.peak_bytes(), "trainable_params": device.trainable_params})
+    raise MessageError(f"unknown request {op!r}")
+
+
+def serve_device(device: Device, session) -> None:
+    """Answer the server's requests until it says stop or the connection ends."""
+    while True:
+        try:
+            message, _ = session.receive(timeout=None)
+        except ConnectionError as error:
+            log.info("%s: connection ended: %s", device.name, error)
+            return
+        except MessageError as error:
+            log.warning("%s: bad message from the server: %s", device.name, error)
+            continue
+        if message.kind == "call" and message.values.get("op") == "stop":
+            return
+        if message.kind == "error":  # the server refused our last reply; it expects nothing back
+            log.warning("%s: server refused our message: %s", device.name, message.values.get("reason"))
+            continue
+        try:
+            reply = handle(device, message)
+        except (MessageError, KeyError, ValueError, RuntimeError) as error:
+            log.warning("%s: request %s failed: %s", device.name, message.kind, error)
+            reply = Message("error", device.name, message.round, message.step, values={"reason": str(error)})
+        session.send(reply)

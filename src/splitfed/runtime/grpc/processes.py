@@ -1,0 +1,94 @@
+"""Entry points of the gRPC runtime: the server process and a device process.
+
+``serve`` starts the transport, waits for the configured devices, and runs the same
+engine and protocol code as an in-process run, with remote device handles. ``run_device``
+loads only the device's own stage weights and its own data partition, dials the server
+and answers its requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from splitfed.config import SPLIT_PROTOCOLS, ConfigError, RunConfig, RuntimeSection
+from splitfed.models.families import family_for, num_layers
+from splitfed.models.loading import load_model_config, load_stage_model, load_tokenizer, prepare_model
+from splitfed.models.split import Stage, StageSpec
+from splitfed.runtime.endpoint import serve_device
+from splitfed.runtime.grpc.remote import RemoteDevices
+from splitfed.runtime.grpc.transport import LinkServer, TransportSettings, connect
+
+log = logging.getLogger("splitfed.grpc")
+
+
+def transport_settings(runtime: RuntimeSection) -> TransportSettings:
+    path = lambda value: Path(value) if value else None  # noqa: E731
+    return TransportSettings(
+        max_message_bytes=int(runtime.max_message_mb * (1 << 20)),
+        tls_cert=path(runtime.tls_cert), tls_key=path(runtime.tls_key), tls_ca=path(runtime.tls_ca),
+    )
+
+
+def device_spec(config: RunConfig, cuts: list[int], device: int, total_layers: int) -> StageSpec:
+    """The stage a device runs: its first ``cut`` layers, or the whole model for unsplit protocols."""
+    if config.protocol in SPLIT_PROTOCOLS:
+        return StageSpec(0, cuts[device], first=True, last=False)
+    return StageSpec(0, total_layers, first=True, last=True)
+
+
+def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
+    """Run the server (and aggregator) of a gRPC deployment; returns the run summary."""
+    from splitfed.run import run
+
+    runtime = config.runtime
+    tokens = {i: runtime.tokens[i] for i in range(config.devices.count)}
+    server = LinkServer(runtime.address, tokens, transport_settings(runtime))
+    log.info("listening on %s (port %d)", runtime.address, server.port)
+    try:
+        devices = list(range(config.devices.count))
+        connected = server.wait_for(devices, runtime.connect_timeout_s)
+        if len(connected) < len(devices):
+            missing = sorted(set(devices) - set(connected))
+            raise ConfigError(f"devices {missing} did not connect within runtime.connect_timeout_s={runtime.connect_timeout_s:g} s")
+        model_config = load_model_config(config.model.source)
+        remote = RemoteDevices(
+            server, hidden_size=int(model_config.hidden_size), vocab_size=int(model_config.vocab_size),
+            seq_len=config.train.seq_len, max_batch=config.train.batch_size, timeout_s=runtime.request_timeout_s,
+        )
+        try:
+            return run(config, out, progress=progress, resume=resume, remote=remote)
+        finally:
+            remote.stop_all()
+    finally:
+        server.stop()
+
+
+def run_device(config: RunConfig, device: int, *, address: str | None = None, token: str | None = None) -> None:
+    """A device process: its stage weights, its data, its adapter; serves until the server stops it."""
+    from splitfed.adapters.lora import add_adapter
+    from splitfed.protocols.base import derive_seed, lora_config
+    from splitfed.roles.device import Device
+    from splitfed.run import build_data, plan_run
+
+    if not 0 <= device < config.devices.count:
+        raise ConfigError(f"--id {device}: allowed 0..{config.devices.count - 1} (devices.count={config.devices.count})")
+    plan = plan_run(config)
+    model_dir = prepare_model(config.model.source)
+    total = num_layers(load_model_config(config.model.source))
+    spec = device_spec(config, plan.cuts, device, total)
+    model = load_stage_model(str(model_dir), spec)
+    family = family_for(model.config)
+    torch.manual_seed(derive_seed(config.seed, 4, device))  # overwritten by the first download anyway
+    add_adapter(model, f"device{device}", lora_config(config, family, config.device_rank(device), spec.layers))
+    data = build_data(plan, load_tokenizer(config.model.source)).train[device]
+    role = Device(device, Stage(model, spec, family), f"device{device}", data, config.train,
+                  derive_seed(config.seed, 1, device))
+    settings = transport_settings(config.runtime)
+    token = token if token is not None else config.runtime.tokens[device]
+    session = connect(address or config.runtime.address, device, token, settings)
+    log.info("device %d: layers %d..%d, %d training sequences, dialing %s", device, spec.start, spec.end - 1,
+             len(data), address or config.runtime.address)
+    serve_device(role, session)

@@ -1,0 +1,221 @@
+"""Server-side handles of device processes: the same interface as a local Device.
+
+A protocol calls ``device.forward(...)``, ``device.backward(...)`` ... exactly as in-process;
+a RemoteDevice turns each call into a request on the device's stream, waits for the
+reply (with a deadline), checks it (``wire.validate``) and counts its bytes. A reply that
+fails the checks is answered with an ``error`` message and raises DeviceDropped: the
+protocol drops that device from the round and keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+
+import torch
+
+from splitfed.models.split import StageSpec
+from splitfed.runtime.grpc.transport import DeviceLost, LinkServer
+from splitfed.wire.messages import Message, MessageError
+from splitfed.wire.validate import Expectation, TensorSpec, validate
+
+log = logging.getLogger("splitfed.grpc")
+
+
+class DeviceDropped(ConnectionError):
+    """A device left the round: disconnected, too slow, or sent a message that failed the checks."""
+
+    def __init__(self, device: int, reason: str) -> None:
+        super().__init__(f"device {device} dropped: {reason}")
+        self.device = device
+        self.reason = reason
+
+
+class RemoteLink:
+    """Byte counters for traffic that the transport already encoded (up/down pass messages through)."""
+
+    def __init__(self) -> None:
+        self.total_up = 0
+        self.total_down = 0
+        self._up: dict[int, int] = defaultdict(int)
+        self._down: dict[int, int] = defaultdict(int)
+
+    def record(self, device: int, up: int = 0, down: int = 0) -> None:
+        self.total_up, self.total_down = self.total_up + up, self.total_down + down
+        self._up[device] += up
+        self._down[device] += down
+
+    def up(self, device: int, message: Message) -> Message:
+        return message
+
+    def down(self, device: int, message: Message) -> Message:
+        return message
+
+    def take_counts(self, device: int) -> tuple[int, int]:
+        return self._up.pop(device, 0), self._down.pop(device, 0)
+
+    def clear_pending(self) -> None:
+        self._up.clear()
+        self._down.clear()
+
+    def take_stats(self) -> dict:
+        """Codec statistics: none yet, the gRPC runtime sends messages uncompressed."""
+        return {}
+
+
+class RemoteDevice:
+    def __init__(
+        self,
+        device_id: int,
+        spec: StageSpec,
+        server: LinkServer,
+        link: RemoteLink,
+        *,
+        hidden_size: int,
+        vocab_size: int,
+        seq_len: int,
+        max_batch: int,
+        timeout_s: float,
+    ) -> None:
+        self.id = device_id
+        self.spec = spec
+        self.server = server
+        self.link = link
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.seq_len, self.max_batch = seq_len, max_batch
+        self.timeout_s = timeout_s
+        self.last_loss, self.last_tokens = float("nan"), 0
+        self._adapter_shapes: dict[str, tuple[int | None, ...]] | None = None
+        self._report: dict | None = None
+
+    @property
+    def layers(self) -> range:
+        return self.spec.layers
+
+    # --- transport ------------------------------------------------------------------------
+    def _exchange(self, message: Message, expected: Expectation) -> Message:
+        session = self.server.session(self.id)
+        if session is None:
+            raise DeviceDropped(self.id, "not connected")
+        try:
+            self.link.record(self.id, down=session.send(message))
+            reply, size = session.receive(self.timeout_s)
+            self.link.record(self.id, up=size)
+            return validate(reply, expected)
+        except DeviceLost as error:
+            raise DeviceDropped(self.id, str(error)) from None
+        except MessageError as error:
+            log.warning("device %d: rejected message: %s", self.id, error)
+            try:
+                session.send(Message("error", "server", message.round, message.step, values={"reason": str(error)}))
+            except DeviceLost:
+                pass
+            raise DeviceDropped(self.id, f"bad message: {error}") from None
+
+    def _call(self, op: str, round_index: int = 0, step: int = 0, **values: float) -> Message:
+        return Message("call", "server", round_index, step, values={"op": op, **values})
+
+    # --- the Device interface ---------------------------------------------------------------
+    def forward(self, round_index: int, step: int) -> Message:
+        seq, batch_axis = self.seq_len, None
+        expected = Expectation("activations", round_index, step, {
+            "hidden": TensorSpec((batch_axis, seq, self.hidden_size), torch.float32, finite=True),
+            "attention_mask": TensorSpec((batch_axis, seq), torch.int64, value_range=(0, 2)),
+            "labels": TensorSpec((batch_axis, seq), torch.int64, value_range=(0, self.vocab_size), extra_values=(-100,)),
+        })
+        reply = self._exchange(self._call("forward", round_index, step), expected)
+        sizes = {t.shape[0] for t in reply.tensors.values()}
+        if len(sizes) != 1 or sizes.pop() > self.max_batch:
+            self._refuse(reply, f"batch sizes {sorted({t.shape[0] for t in reply.tensors.values()})} "
+                                f"differ or exceed train.batch_size={self.max_batch}")
+        return reply
+
+    def backward(self, message: Message) -> Message:
+        self.last_loss, self.last_tokens = float(message.values["loss"]), int(message.values["tokens"])
+        expected = Expectation("grad_norm", message.round, message.step, finite_values=("sq_norm",))
+        reply = self._exchange(message, expected)
+        if reply.values["sq_norm"] < 0:
+            self._refuse(reply, "sq_norm is negative")
+        return reply
+
+    def apply(self, message: Message, lr: float) -> None:
+        message.values["lr"] = lr
+        self._exchange(message, Expectation("ack", message.round, message.step))
+
+    def local_step(self, lr: float) -> tuple[float, int]:
+        reply = self._exchange(self._call("local_step", lr=lr), Expectation("ack", 0, 0, finite_values=("loss", "tokens")))
+        return float(reply.values["loss"]), int(reply.values["tokens"])
+
+    def upload(self, round_index: int) -> Message:
+        shapes = self._adapter_shapes or {}
+        expected = Expectation(
+            "adapter_upload", round_index, 0,
+            {k: TensorSpec(s, torch.float32, finite=True) for k, s in shapes.items()},
+            exact_tensors=bool(shapes), finite_values=("num_samples",),
+        )
+        return self._exchange(self._call("upload", round_index), expected)
+
+    def download(self, message: Message) -> None:
+        if self._adapter_shapes is None:  # the first download fixes the adapter's layout; ranks may differ
+            self._adapter_shapes = {
+                k: (None, v.shape[1]) if ".lora_A." in k else (v.shape[0], None) for k, v in message.tensors.items()
+            }
+        self._exchange(message, Expectation("ack", message.round, message.step))
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        reply = self._exchange(self._call("export_state"), Expectation("role_state", 0, 0, exact_tensors=False))
+        return reply.tensors, json.loads(reply.values["meta"])
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        message = Message("role_state", "server", 0, 0, tensors, {"meta": json.dumps(meta)})
+        self._exchange(message, Expectation("ack", 0, 0))
+
+    def stop(self) -> None:
+        session = self.server.session(self.id)
+        if session is not None:
+            session.send(self._call("stop"))
+
+    def _refuse(self, message: Message, reason: str) -> None:
+        session = self.server.session(self.id)
+        if session is not None:
+            session.send(Message("error", "server", message.round, message.step, values={"reason": reason}))
+        raise DeviceDropped(self.id, f"bad message: {reason}")
+
+    # --- accounting (reported by the device process) -----------------------------------------
+    def _reported(self) -> dict:
+        if self._report is None:
+            expected = Expectation("ack", 0, 0, finite_values=("peak_bytes", "trainable_params"))
+            self._report = self._exchange(self._call("report"), expected).values
+        return self._report
+
+    def peak_bytes(self) -> int:
+        return int(self._reported()["peak_bytes"])
+
+    @property
+    def trainable_params(self) -> int:
+        return int(self._reported()["trainable_params"])
+
+
+class RemoteDevices:
+    """Creates the handles a protocol uses in place of local devices, and stops them at the end."""
+
+    def __init__(self, server: LinkServer, *, hidden_size: int, vocab_size: int, seq_len: int, max_batch: int,
+                 timeout_s: float) -> None:
+        self.server = server
+        self.link = RemoteLink()
+        self.handles: dict[int, RemoteDevice] = {}
+        self._limits = dict(hidden_size=hidden_size, vocab_size=vocab_size, seq_len=seq_len, max_batch=max_batch,
+                            timeout_s=timeout_s)
+
+    def device(self, device_id: int, spec: StageSpec) -> RemoteDevice:
+        handle = RemoteDevice(device_id, spec, self.server, self.link, **self._limits)
+        self.handles[device_id] = handle
+        return handle
+
+    def stop_all(self) -> None:
+        for handle in self.handles.values():
+            try:
+                handle.stop()
+            except DeviceLost:
+                pass

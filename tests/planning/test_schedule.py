@@ -1,0 +1,51 @@
+"""Schedulers against brute force over all orders (random instances, n <= 8)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from splitfed.config import ServerSection
+from splitfed.planning.schedule import SCHEDULERS, Job, exact, fifo, makespan, schedule, schrage
+
+
+def _instances(n: int, count: int, seed: int) -> list[list[Job]]:
+    rng = np.random.default_rng(seed)
+    return [
+        [Job(*rng.uniform([0, 0.1, 0], [3, 1, 3])) for _ in range(n)]
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_exact_equals_brute_force_and_schrage_beats_fifo(n):
+    for jobs in _instances(n, 30 if n < 8 else 8, seed=n):
+        brute = min(makespan(jobs, order) for order in itertools.permutations(range(n)))
+        best = makespan(jobs, exact(jobs))
+        assert best == pytest.approx(brute, abs=1e-12)
+        assert makespan(jobs, schrage(jobs)) <= makespan(jobs, fifo(jobs)) + 1e-12
+        assert sorted(exact(jobs)) == list(range(n))
+
+
+@pytest.mark.parametrize(
+    "jobs, order, expected",
+    [
+        ([Job(0, 1, 5), Job(0, 1, 0)], [0, 1], 6.0),  # long tail first: 1 + 5
+        ([Job(0, 1, 5), Job(0, 1, 0)], [1, 0], 7.0),  # 2 + 5
+        ([Job(2, 1, 0), Job(0, 1, 0)], [0, 1], 4.0),  # the server idles until 2
+        ([Job(0, 0, 0)], [0], 0.0),
+    ],
+)
+def test_makespan(jobs, order, expected):
+    assert makespan(jobs, order) == expected
+
+
+def test_zero_processing_jobs_and_known_names():
+    jobs = [Job(0, 0, 1), Job(0, 0, 2), Job(1, 1, 0)]
+    assert makespan(jobs, exact(jobs)) == 2.0
+    assert set(SCHEDULERS) == set(ServerSection.model_fields["scheduler"].annotation.__args__)
+    assert sorted(schedule("random", jobs, np.random.default_rng(0))) == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown scheduler 'lifo'; allowed: fifo, schrage, exact, random"):
+        schedule("lifo", jobs)
