@@ -44,6 +44,7 @@ def test_authenticated_device_exchanges_large_messages(server):
     sent = server.session(0).send(Message("call", "server", 1, 2, {"hidden": hidden}, {"op": "forward"}))
     message, size = device.receive(timeout=10)
     assert size == sent and message.values == {"op": "forward"} and torch.equal(message.tensors["hidden"], hidden)
+    server.session(0).expect_reply()
     device.send(Message("ack", "device0", 1, 2))
     reply, _ = server.session(0).receive(timeout=10)
     assert reply.kind == "ack"
@@ -60,8 +61,23 @@ def test_wrong_token_or_unknown_id_is_refused(server, device, token, reason):
 def test_bad_frame_is_an_error_then_the_stream_goes_on(server):
     device = connect(_address(server), 1, "secret-1", SETTINGS)
     server.wait_for([1], timeout=10)
+    session = server.session(1)
+    session.expect_reply()
     device._outbox.put(b"\x00" * 3)  # a malformed frame straight onto the wire
     with pytest.raises(MessageError, match="shorter than its 16-byte header"):
-        server.session(1).receive(timeout=10)
+        session.receive(timeout=10)
+    session.expect_reply()
     device.send(Message("ack", "device1", 0, 0))
-    assert server.session(1).receive(timeout=10)[0].kind == "ack"
+    assert session.receive(timeout=10)[0].kind == "ack"
+
+
+def test_unsolicited_messages_are_answered_with_errors(server):
+    device = connect(_address(server), 0, "secret-0", SETTINGS)
+    server.wait_for([0], timeout=10)
+    for _ in range(3):
+        device.send(Message("ack", "device0", 0, 0))
+    device._outbox.put(b"junk")
+    replies = [device.receive(timeout=10)[0] for _ in range(4)]
+    assert [r.kind for r in replies] == ["error"] * 4
+    assert "unsolicited ack" in replies[0].values["reason"] and "header" in replies[3].values["reason"]
+    assert server.session(0).refused == 4

@@ -46,19 +46,19 @@ def handle(device: Device, message: Message) -> Message:
     raise MessageError(f"unknown request {op!r}")
 
 
-def serve_device(device: Device, session) -> None:
-    """Answer the server's requests until it says stop or the connection ends."""
+def serve_device(device: Device, session) -> bool:
+    """Answer the server's requests; True when the server said stop, False when the connection ended."""
     while True:
         try:
             message, _ = session.receive(timeout=None)
         except ConnectionError as error:
             log.info("%s: connection ended: %s", device.name, error)
-            return
+            return False
         except MessageError as error:
             log.warning("%s: bad message from the server: %s", device.name, error)
             continue
         if message.kind == "call" and message.values.get("op") == "stop":
-            return
+            return True
         if message.kind == "error":  # the server refused our last reply; it expects nothing back
             log.warning("%s: server refused our message: %s", device.name, message.values.get("reason"))
             continue

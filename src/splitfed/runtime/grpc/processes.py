@@ -88,7 +88,12 @@ def run_device(config: RunConfig, device: int, *, address: str | None = None, to
                   derive_seed(config.seed, 1, device))
     settings = transport_settings(config.runtime)
     token = token if token is not None else config.runtime.tokens[device]
-    session = connect(address or config.runtime.address, device, token, settings)
+    address = address or config.runtime.address
     log.info("device %d: layers %d..%d, %d training sequences, dialing %s", device, spec.start, spec.end - 1,
-             len(data), address or config.runtime.address)
-    serve_device(role, session)
+             len(data), address)
+    # A lost connection (server restart, network) is retried until the server says stop.
+    while True:
+        session = connect(address, device, token, settings, ready_timeout_s=config.runtime.connect_timeout_s)
+        if serve_device(role, session):
+            return
+        log.info("device %d: reconnecting", device)

@@ -99,6 +99,7 @@ class RemoteDevice:
         if session is None:
             raise DeviceDropped(self.id, "not connected")
         try:
+            session.expect_reply()
             self.link.record(self.id, down=session.send(message))
             reply, size = session.receive(self.timeout_s)
             self.link.record(self.id, up=size)

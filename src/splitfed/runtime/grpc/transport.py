@@ -62,11 +62,20 @@ class TransportSettings:
 
 
 class Session:
-    """One end of a device stream: ``send`` messages, ``receive`` the next one (or the error it caused)."""
+    """One end of a device stream: ``send`` messages, ``receive`` the next one (or the error it caused).
 
-    def __init__(self, peer: str, settings: TransportSettings) -> None:
+    With ``strict``, (the server side) a message that arrives when no reply is expected is
+    answered at once with an ``error`` message and dropped, so an unsolicited flood never
+    queues up in front of the reply to the next request.
+    """
+
+    def __init__(self, peer: str, settings: TransportSettings, strict: bool = False) -> None:
         self.peer = peer
         self.settings = settings
+        self.strict = strict
+        self._expected = 0
+        self._lock = threading.Lock()
+        self.refused = 0
         self._inbox: queue.Queue[tuple[Message, int] | Exception] = queue.Queue()
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._reassembler = Reassembler(settings.max_message_bytes)
@@ -92,14 +101,33 @@ class Session:
             raise item
         return item
 
+    def expect_reply(self) -> None:
+        """Announce that the next message from the peer answers a request (strict sessions)."""
+        with self._lock:
+            self._expected += 1
+
     def feed(self, frame: bytes) -> None:
         """Called by the reading thread for every frame that arrives."""
         try:
             data = self._reassembler.feed(frame)
-            if data is not None:
-                self._inbox.put((decode(data), len(data)))
+            if data is None:
+                return
+            item: tuple[Message, int] | Exception = (decode(data), len(data))
         except (FrameError, MessageError) as error:
-            self._inbox.put(MessageError(f"{self.peer}: {error}"))
+            item = MessageError(f"{self.peer}: {error}")
+        with self._lock:
+            solicited = not self.strict or self._expected > 0
+            self._expected -= int(self.strict and solicited)
+        if solicited:
+            self._inbox.put(item)
+            return
+        self.refused += 1
+        reason = str(item) if isinstance(item, Exception) else f"unsolicited {item[0].kind} message"
+        log.warning("%s: refused: %s", self.peer, reason)
+        try:
+            self.send(Message("error", "server", 0, 0, values={"reason": reason}))
+        except DeviceLost:
+            pass
 
     def outgoing(self) -> Iterator[bytes]:
         while True:
@@ -160,7 +188,7 @@ class LinkServer:
         device = self._admit(context)
         if device is None:
             return
-        session = Session(f"device {device}", self.settings)
+        session = Session(f"device {device}", self.settings, strict=True)
         with self._changed:
             old = self._sessions.get(device)
             if old is not None:
@@ -199,8 +227,10 @@ class LinkServer:
         self._server.stop(grace)
 
 
-def connect(address: str, device: int, token: str, settings: TransportSettings = TransportSettings()) -> Session:
-    """The device end: dial the server and return the stream's Session."""
+def connect(
+    address: str, device: int, token: str, settings: TransportSettings = TransportSettings(), ready_timeout_s: float = 60.0
+) -> Session:
+    """The device end: dial the server (waiting up to ``ready_timeout_s`` for it) and return the stream's Session."""
     options = settings.channel_options()
     if settings.tls_ca or settings.tls_cert:
         credentials = grpc.ssl_channel_credentials(
@@ -211,9 +241,14 @@ def connect(address: str, device: int, token: str, settings: TransportSettings =
         channel = grpc.secure_channel(address, credentials, options=options)
     else:
         channel = grpc.insecure_channel(address, options=options)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=ready_timeout_s)
+    except grpc.FutureTimeoutError:
+        channel.close()
+        raise DeviceLost(f"server {address} not reachable within {ready_timeout_s:g} s") from None
     session = Session("server", settings)
     metadata = ((DEVICE_KEY, str(device)), (TOKEN_KEY, token))
-    call = channel.stream_stream(METHOD)(session.outgoing(), metadata=metadata, wait_for_ready=True)
+    call = channel.stream_stream(METHOD)(session.outgoing(), metadata=metadata)
 
     def read() -> None:
         try:
