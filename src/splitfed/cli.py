@@ -29,6 +29,11 @@ def run(
     try:
         cfg = load_config(config, set_)
         out_dir = out or Path("runs") / config.stem
+        if cfg.runtime.kind == "grpc":
+            raise ConfigError("runtime.kind = 'grpc': start the server with `splitfed serve` "
+                              "and each device with `splitfed device --id N`")
+        if cfg.runtime.kind == "ray":
+            from splitfed.runtime.ray import run_on_ray as run_experiment
         summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume)
     except (ConfigError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}")

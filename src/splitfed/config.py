@@ -162,9 +162,10 @@ class SystemSection(_Section):
 
 
 class RuntimeSection(_Section):
-    """How roles talk: in one process (default), or as gRPC processes (``splitfed serve`` / ``splitfed device``)."""
+    """How roles talk: in one process (default), as gRPC processes (``splitfed serve`` / ``splitfed device``),
+    or with devices in Ray actors over a cluster."""
 
-    kind: Literal["inproc", "grpc"] = "inproc"
+    kind: Literal["inproc", "grpc", "ray"] = "inproc"
     address: str = "127.0.0.1:50051"
     """Where the server listens and devices dial."""
     tokens: list[str] = []
@@ -178,6 +179,10 @@ class RuntimeSection(_Section):
     tls_key: str | None = None
     tls_ca: str | None = None
     """With a CA, devices must present certificates signed by it (mutual TLS)."""
+    ray_address: str | None = None
+    """ray: address of a running cluster (e.g. ``auto``); None starts a local Ray."""
+    ray_hosts: int = Field(0, ge=0)
+    """ray: number of host actors, each holding one base model and several devices; 0: one per CPU."""
 
 
 class RunConfig(_Section):

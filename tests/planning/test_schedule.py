@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
 
 from splitfed.config import ServerSection
 from splitfed.planning.schedule import SCHEDULERS, Job, exact, fifo, makespan, schedule, schrage
+from splitfed.run import run
+from tests.conftest import tiny_run_config
 
 
 def _instances(n: int, count: int, seed: int) -> list[list[Job]]:
@@ -49,3 +52,17 @@ def test_zero_processing_jobs_and_known_names():
     assert sorted(schedule("random", jobs, np.random.default_rng(0))) == [0, 1, 2]
     with pytest.raises(ValueError, match="unknown scheduler 'lifo'; allowed: fifo, schrage, exact, random"):
         schedule("lifo", jobs)
+
+
+def test_memsfl_order_changes_time_not_results(tiny_llama_dir, corpus_dir, tmp_path):
+    def losses_and_time(scheduler: str) -> tuple[dict, float]:
+        config = tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", server={"scheduler": scheduler},
+                                 devices={"count": 4, "cuts": [1, 2, 4, 5]}, train={"rounds": 1, "local_steps": 2})
+        summary = run(config, tmp_path / scheduler, progress=False)
+        records = [json.loads(line) for line in (tmp_path / scheduler / "metrics.jsonl").read_text().splitlines()]
+        return {(r["step"], r["device"]): r["loss"] for r in records if r["kind"] == "step"}, summary["sim_s"]
+
+    fifo_losses, fifo_s = losses_and_time("fifo")
+    exact_losses, exact_s = losses_and_time("exact")
+    assert exact_losses == fifo_losses
+    assert exact_s <= fifo_s

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from splitfed.runtime.grpc.frames import HEADER, FrameError, Reassembler, split_frames
-from splitfed.runtime.grpc.transport import DeviceLost, LinkServer, TransportSettings, connect
+from splitfed.runtime.grpc.transport import LinkServer, TransportSettings, connect
+from splitfed.runtime.remote import DeviceLost
 from splitfed.wire.messages import Message, MessageError
 
 SETTINGS = TransportSettings(chunk_size=64 << 10, max_message_bytes=16 << 20, keepalive_ms=2000)

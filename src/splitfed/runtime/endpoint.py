@@ -46,6 +46,24 @@ def handle(device: Device, message: Message) -> Message:
     raise MessageError(f"unknown request {op!r}")
 
 
+def is_stop(message: Message) -> bool:
+    return message.kind == "call" and message.values.get("op") == "stop"
+
+
+def respond(device: Device, message: Message) -> Message | None:
+    """The reply to a request (an ``error`` message if it fails), or None if none is due."""
+    if is_stop(message):
+        return None
+    if message.kind == "error":  # the server refused our last reply; it expects nothing back
+        log.warning("%s: server refused our message: %s", device.name, message.values.get("reason"))
+        return None
+    try:
+        return handle(device, message)
+    except (MessageError, KeyError, ValueError, RuntimeError) as error:
+        log.warning("%s: request %s failed: %s", device.name, message.kind, error)
+        return Message("error", device.name, message.round, message.step, values={"reason": str(error)})
+
+
 def serve_device(device: Device, session) -> bool:
     """Answer the server's requests; True when the server said stop, False when the connection ended."""
     while True:
@@ -57,14 +75,8 @@ def serve_device(device: Device, session) -> bool:
         except MessageError as error:
             log.warning("%s: bad message from the server: %s", device.name, error)
             continue
-        if message.kind == "call" and message.values.get("op") == "stop":
+        if is_stop(message):
             return True
-        if message.kind == "error":  # the server refused our last reply; it expects nothing back
-            log.warning("%s: server refused our message: %s", device.name, message.values.get("reason"))
-            continue
-        try:
-            reply = handle(device, message)
-        except (MessageError, KeyError, ValueError, RuntimeError) as error:
-            log.warning("%s: request %s failed: %s", device.name, message.kind, error)
-            reply = Message("error", device.name, message.round, message.step, values={"reason": str(error)})
-        session.send(reply)
+        reply = respond(device, message)
+        if reply is not None:
+            session.send(reply)

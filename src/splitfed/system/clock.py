@@ -115,8 +115,8 @@ class Clock:
 
     def timing(self, device: int) -> Timing:
         """Predicted split-step timing of a device from the cost model (for the schedulers)."""
-        flops, batch_seq = self.device_flops(device), self._batch()
-        payload = activation_bytes(self.costs, *batch_seq)
+        flops = self.device_flops(device)
+        payload = activation_bytes(self.costs, *self._batch())
         speed = self.devices[device].flops
         return Timing(
             head_s=flops.forward / speed + self.up_s(device, payload),

@@ -44,9 +44,9 @@ _ROLES: dict[str, dict[str, str]] = {
 class SavedFloats:
     """Floats per token that autograd saves for backward (LoRA training, fp32), by family.
 
-    layer = hidden * h + intermediate * i + kv_dim * kv + heads * n + const, plus ``per_lora_rank``
-    per unit of rank of every LoRA-targeted module; the first layer of a first stage saves
-    ``first_layer_hidden * h + first_layer_const`` less (its input needs no gradient); every stage
+    layer = hidden * h + intermediate * i + kv_dim * kv + heads * n + const, plus one float per
+    unit of rank of every LoRA-targeted module; the first layer of a first stage saves
+    ``h + first_layer_const`` less (its input needs no gradient); every stage
     adds ``stage_head_dim * head_dim`` (rotary cos/sin); the head adds h + vocab + ``head_const``.
     """
 
@@ -58,8 +58,6 @@ class SavedFloats:
     first_layer_const: int
     stage_head_dim: int
     head_const: int
-    per_lora_rank: int = 1
-    first_layer_hidden: int = 1
 
 
 _SAVED: dict[str, SavedFloats] = {
@@ -90,17 +88,17 @@ class LayerCosts:
     """LoRA parameters per unit of rank in one layer for the target modules."""
     hidden: int
     intermediate: int
-    family: str = "llama"
-    final_params: int = 0
+    family: str
+    final_params: int
     """Parameters the last stage holds: final norm and LM head (tied or not, it holds the matrix)."""
-    tied: bool = False
+    tied: bool
     """LM head shares the embedding matrix (a whole-model stage holds it once)."""
-    vocab: int = 0
-    heads: int = 1
-    head_dim: int = 1
-    kv_dim: int = 0
+    vocab: int
+    heads: int
+    head_dim: int
+    kv_dim: int
     """Width of the key (and of the value) projection: kv heads x head_dim."""
-    linears: tuple[Linear, ...] = ()
+    linears: tuple[Linear, ...]
     """The linear modules of one decoder layer."""
 
     @property
@@ -267,11 +265,11 @@ def saved_activation_bytes(costs: LayerCosts, layers: int, rank: int, batch: int
     h = costs.hidden
     per_layer = (
         saved.hidden * h + saved.intermediate * costs.intermediate + saved.kv * costs.kv_dim
-        + saved.heads * costs.heads + saved.const + saved.per_lora_rank * rank * costs.lora_modules
+        + saved.heads * costs.heads + saved.const + rank * costs.lora_modules
     )
     per_token = layers * per_layer + saved.stage_head_dim * costs.head_dim
     if first and layers:
-        per_token -= saved.first_layer_hidden * h + saved.first_layer_const
+        per_token -= h + saved.first_layer_const
     if last:
         per_token += h + costs.vocab + saved.head_const  # final norm input, log-softmax of the loss
     return batch * seq * per_token * FP32

@@ -11,15 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
-from splitfed.config import SPLIT_PROTOCOLS, ConfigError, RunConfig, RuntimeSection
-from splitfed.models.families import family_for, num_layers
-from splitfed.models.loading import load_model_config, load_stage_model, load_tokenizer, prepare_model
-from splitfed.models.split import Stage, StageSpec
+from splitfed.config import ConfigError, RunConfig, RuntimeSection
+from splitfed.models.loading import load_model_config
 from splitfed.runtime.endpoint import serve_device
-from splitfed.runtime.grpc.remote import RemoteDevices
-from splitfed.runtime.grpc.transport import LinkServer, TransportSettings, connect
+from splitfed.runtime.hosting import host_devices
+from splitfed.runtime.grpc.transport import GrpcTransport, LinkServer, TransportSettings, connect
+from splitfed.runtime.remote import RemoteDevices
 
 log = logging.getLogger("splitfed.grpc")
 
@@ -30,13 +27,6 @@ def transport_settings(runtime: RuntimeSection) -> TransportSettings:
         max_message_bytes=int(runtime.max_message_mb * (1 << 20)),
         tls_cert=path(runtime.tls_cert), tls_key=path(runtime.tls_key), tls_ca=path(runtime.tls_ca),
     )
-
-
-def device_spec(config: RunConfig, cuts: list[int], device: int, total_layers: int) -> StageSpec:
-    """The stage a device runs: its first ``cut`` layers, or the whole model for unsplit protocols."""
-    if config.protocol in SPLIT_PROTOCOLS:
-        return StageSpec(0, cuts[device], first=True, last=False)
-    return StageSpec(0, total_layers, first=True, last=True)
 
 
 def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
@@ -55,7 +45,7 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
             raise ConfigError(f"devices {missing} did not connect within runtime.connect_timeout_s={runtime.connect_timeout_s:g} s")
         model_config = load_model_config(config.model.source)
         remote = RemoteDevices(
-            server, hidden_size=int(model_config.hidden_size), vocab_size=int(model_config.vocab_size),
+            GrpcTransport(server), hidden_size=int(model_config.hidden_size), vocab_size=int(model_config.vocab_size),
             seq_len=config.train.seq_len, max_batch=config.train.batch_size, timeout_s=runtime.request_timeout_s,
         )
         try:
@@ -68,29 +58,14 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
 
 def run_device(config: RunConfig, device: int, *, address: str | None = None, token: str | None = None) -> None:
     """A device process: its stage weights, its data, its adapter; serves until the server stops it."""
-    from splitfed.adapters.lora import add_adapter
-    from splitfed.protocols.base import derive_seed, lora_config
-    from splitfed.roles.device import Device
-    from splitfed.run import build_data, plan_run
-
     if not 0 <= device < config.devices.count:
         raise ConfigError(f"--id {device}: allowed 0..{config.devices.count - 1} (devices.count={config.devices.count})")
-    plan = plan_run(config)
-    model_dir = prepare_model(config.model.source)
-    total = num_layers(load_model_config(config.model.source))
-    spec = device_spec(config, plan.cuts, device, total)
-    model = load_stage_model(str(model_dir), spec)
-    family = family_for(model.config)
-    torch.manual_seed(derive_seed(config.seed, 4, device))  # overwritten by the first download anyway
-    add_adapter(model, f"device{device}", lora_config(config, family, config.device_rank(device), spec.layers))
-    data = build_data(plan, load_tokenizer(config.model.source)).train[device]
-    role = Device(device, Stage(model, spec, family), f"device{device}", data, config.train,
-                  derive_seed(config.seed, 1, device))
+    role = host_devices(config, [device])[device]
     settings = transport_settings(config.runtime)
     token = token if token is not None else config.runtime.tokens[device]
     address = address or config.runtime.address
-    log.info("device %d: layers %d..%d, %d training sequences, dialing %s", device, spec.start, spec.end - 1,
-             len(data), address)
+    log.info("device %d: layers %d..%d, %d training sequences, dialing %s", device, role.layers.start,
+             role.layers.stop - 1, role.num_samples, address)
     # A lost connection (server restart, network) is retried until the server says stop.
     while True:
         session = connect(address, device, token, settings, ready_timeout_s=config.runtime.connect_timeout_s)

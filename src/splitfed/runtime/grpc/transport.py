@@ -26,16 +26,13 @@ from pathlib import Path
 import grpc
 
 from splitfed.runtime.grpc.frames import DEFAULT_CHUNK, FrameError, Reassembler, split_frames
+from splitfed.runtime.remote import DeviceLost
 from splitfed.wire.messages import Message, MessageError, decode, encode
 
 log = logging.getLogger("splitfed.grpc")
 
 METHOD = "/splitfed.Link/Session"
 DEVICE_KEY, TOKEN_KEY = "splitfed-device", "splitfed-token"
-
-
-class DeviceLost(ConnectionError):
-    """The device disconnected, or did not answer before its deadline."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +222,32 @@ class LinkServer:
             for session in self._sessions.values():
                 session.close()
         self._server.stop(grace)
+
+
+class GrpcTransport:
+    """``runtime.remote.Transport`` over the device streams of a LinkServer."""
+
+    def __init__(self, server: LinkServer) -> None:
+        self.server = server
+
+    def _session(self, device: int) -> Session:
+        session = self.server.session(device)
+        if session is None:
+            raise DeviceLost(f"device {device}: not connected")
+        return session
+
+    def request(self, device: int, message: Message, timeout_s: float) -> tuple[Message, int, int]:
+        session = self._session(device)
+        session.expect_reply()
+        sent = session.send(message)
+        reply, received = session.receive(timeout_s)
+        return reply, sent, received
+
+    def notify(self, device: int, message: Message) -> None:
+        try:
+            self._session(device).send(message)
+        except DeviceLost:
+            pass
 
 
 def connect(

@@ -1,10 +1,10 @@
-"""Server-side handles of device processes: the same interface as a local Device.
+"""Server-side handles of devices that live elsewhere: the same interface as a local Device.
 
 A protocol calls ``device.forward(...)``, ``device.backward(...)`` ... exactly as in-process;
-a RemoteDevice turns each call into a request on the device's stream, waits for the
-reply (with a deadline), checks it (``wire.validate``) and counts its bytes. A reply that
-fails the checks is answered with an ``error`` message and raises DeviceDropped: the
-protocol drops that device from the round and keeps serving the others.
+a RemoteDevice turns each call into a request over a ``Transport`` (gRPC streams, Ray
+actors), waits for the reply (with a deadline), checks it (``wire.validate``) and counts
+its bytes. A reply that fails the checks is answered with an ``error`` message and raises
+DeviceDropped: the protocol drops that device from the round and serves the others.
 """
 
 from __future__ import annotations
@@ -15,12 +15,30 @@ from collections import defaultdict
 
 import torch
 
+from typing import Protocol
+
 from splitfed.models.split import StageSpec
-from splitfed.runtime.grpc.transport import DeviceLost, LinkServer
 from splitfed.wire.messages import Message, MessageError
 from splitfed.wire.validate import Expectation, TensorSpec, validate
 
-log = logging.getLogger("splitfed.grpc")
+log = logging.getLogger("splitfed.remote")
+
+
+class DeviceLost(ConnectionError):
+    """The device disconnected, or did not answer before its deadline."""
+
+
+class Transport(Protocol):
+    """Delivers requests to devices living elsewhere and brings back their replies."""
+
+    def request(self, device: int, message: Message, timeout_s: float) -> tuple[Message, int, int]:
+        """Send ``message``, wait for the reply; returns (reply, bytes sent, bytes received).
+
+        Raises DeviceLost (gone or too slow) or MessageError (the reply is not a valid message).
+        """
+
+    def notify(self, device: int, message: Message) -> None:
+        """Send ``message`` without waiting for a reply (errors, stop); a lost device is ignored."""
 
 
 class DeviceDropped(ConnectionError):
@@ -69,7 +87,7 @@ class RemoteDevice:
         self,
         device_id: int,
         spec: StageSpec,
-        server: LinkServer,
+        transport: Transport,
         link: RemoteLink,
         *,
         hidden_size: int,
@@ -80,7 +98,7 @@ class RemoteDevice:
     ) -> None:
         self.id = device_id
         self.spec = spec
-        self.server = server
+        self.transport = transport
         self.link = link
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.seq_len, self.max_batch = seq_len, max_batch
@@ -95,24 +113,14 @@ class RemoteDevice:
 
     # --- transport ------------------------------------------------------------------------
     def _exchange(self, message: Message, expected: Expectation) -> Message:
-        session = self.server.session(self.id)
-        if session is None:
-            raise DeviceDropped(self.id, "not connected")
         try:
-            session.expect_reply()
-            self.link.record(self.id, down=session.send(message))
-            reply, size = session.receive(self.timeout_s)
-            self.link.record(self.id, up=size)
+            reply, sent, received = self.transport.request(self.id, message, self.timeout_s)
+            self.link.record(self.id, up=received, down=sent)
             return validate(reply, expected)
         except DeviceLost as error:
             raise DeviceDropped(self.id, str(error)) from None
         except MessageError as error:
-            log.warning("device %d: rejected message: %s", self.id, error)
-            try:
-                session.send(Message("error", "server", message.round, message.step, values={"reason": str(error)}))
-            except DeviceLost:
-                pass
-            raise DeviceDropped(self.id, f"bad message: {error}") from None
+            self._refuse(message, str(error))
 
     def _call(self, op: str, round_index: int = 0, step: int = 0, **values: float) -> Message:
         return Message("call", "server", round_index, step, values={"op": op, **values})
@@ -173,14 +181,12 @@ class RemoteDevice:
         self._exchange(message, Expectation("ack", 0, 0))
 
     def stop(self) -> None:
-        session = self.server.session(self.id)
-        if session is not None:
-            session.send(self._call("stop"))
+        self.transport.notify(self.id, self._call("stop"))
 
     def _refuse(self, message: Message, reason: str) -> None:
-        session = self.server.session(self.id)
-        if session is not None:
-            session.send(Message("error", "server", message.round, message.step, values={"reason": reason}))
+        """Answer a bad reply with an error message and drop the device from the round."""
+        log.warning("device %d: rejected message: %s", self.id, reason)
+        self.transport.notify(self.id, Message("error", "server", message.round, message.step, values={"reason": reason}))
         raise DeviceDropped(self.id, f"bad message: {reason}")
 
     # --- accounting (reported by the device process) -----------------------------------------
@@ -201,22 +207,19 @@ class RemoteDevice:
 class RemoteDevices:
     """Creates the handles a protocol uses in place of local devices, and stops them at the end."""
 
-    def __init__(self, server: LinkServer, *, hidden_size: int, vocab_size: int, seq_len: int, max_batch: int,
+    def __init__(self, transport: Transport, *, hidden_size: int, vocab_size: int, seq_len: int, max_batch: int,
                  timeout_s: float) -> None:
-        self.server = server
+        self.transport = transport
         self.link = RemoteLink()
         self.handles: dict[int, RemoteDevice] = {}
         self._limits = dict(hidden_size=hidden_size, vocab_size=vocab_size, seq_len=seq_len, max_batch=max_batch,
                             timeout_s=timeout_s)
 
     def device(self, device_id: int, spec: StageSpec) -> RemoteDevice:
-        handle = RemoteDevice(device_id, spec, self.server, self.link, **self._limits)
+        handle = RemoteDevice(device_id, spec, self.transport, self.link, **self._limits)
         self.handles[device_id] = handle
         return handle
 
     def stop_all(self) -> None:
         for handle in self.handles.values():
-            try:
-                handle.stop()
-            except DeviceLost:
-                pass
+            handle.stop()
