@@ -9,6 +9,7 @@ temporary name and renamed, so a crash never leaves a half-written checkpoint be
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,11 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from splitfed.protocols.base import Protocol
+from splitfed.runtime.remote import DeviceDropped
 from splitfed.wire.state import flatten, unflatten
 
 TENSORS_FILE = "state.safetensors"
 META_FILE = "state.json"
 LATEST = "latest"
+log = logging.getLogger("splitfed.checkpoint")
 
 
 def _roles(protocol: Protocol) -> dict[str, object]:
@@ -37,7 +40,11 @@ def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_
     tensors: dict[str, torch.Tensor] = {f"global/{k}": v for k, v in protocol.aggregator.global_state.items()}
     meta: dict[str, object] = {"round": round_index, "step_index": protocol.step_index, "base_loss": base_loss}
     for name, role in _roles(protocol).items():
-        role_tensors, role_meta = role.export_state()
+        try:
+            role_tensors, role_meta = role.export_state()
+        except DeviceDropped as error:  # an unreachable device restarts from the global adapter
+            log.warning("checkpoint of round %d lacks %s: %s", round_index, name, error.reason)
+            continue
         tensors.update({f"{name}/{k}": v for k, v in role_tensors.items()})
         meta[name] = role_meta
     meta["rng"] = flatten("rng", torch.get_rng_state(), tensors)
@@ -65,6 +72,8 @@ def load_checkpoint(protocol: Protocol, directory: Path) -> tuple[int, float]:
     meta = json.loads((path / META_FILE).read_text())
     protocol.aggregator.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
     for name, role in _roles(protocol).items():
+        if name not in meta:
+            continue
         prefix = f"{name}/"
         role.import_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[name])
     torch.set_rng_state(unflatten(meta["rng"], tensors))

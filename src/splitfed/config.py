@@ -175,6 +175,9 @@ class RuntimeSection(_Section):
     connect_timeout_s: float = Field(300.0, gt=0)
     """How long ``serve`` waits for the devices to connect before the first round."""
     max_message_mb: float = Field(256.0, gt=0)
+    quorum: float = Field(0.5, gt=0, le=1)
+    """Fraction of a round's devices that must finish it; otherwise the round is retried."""
+    max_round_retries: int = Field(3, ge=0)
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None

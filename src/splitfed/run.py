@@ -23,7 +23,7 @@ from splitfed.data.sources import Document, load_documents
 from splitfed.models.families import num_layers
 from splitfed.models.loading import load_model, load_model_config, load_tokenizer, prepare_model
 from splitfed.protocols import PROTOCOL_CLASSES
-from splitfed.protocols.base import Context, Protocol
+from splitfed.protocols.base import Context, Protocol, RoundFailed
 from splitfed.report import write_plots
 from splitfed.runtime.inproc import compression_summary
 from splitfed.system.costs import device_memory_bytes, deepest_cut, layer_costs
@@ -169,7 +169,7 @@ def run(
         for round_index in range(first_round, config.train.rounds):
             participants = protocol.participants(round_index)
             up_before, down_before = protocol.link.total_up, protocol.link.total_down
-            protocol.train_round(round_index, participants)
+            _train_round_with_retries(protocol, round_index, participants, log)
             eval_loss = protocol.evaluate(data.eval)
             steps = [r for r in log.records if r["kind"] == "step" and r["round"] == round_index]
             log(
@@ -196,6 +196,23 @@ def run(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_plots(log.records, summary, out)
     return summary
+
+
+def _train_round_with_retries(protocol: Protocol, round_index: int, participants: list[int], log) -> None:
+    """Run a round; if too few devices finish it, wait for them to come back and run it again."""
+    runtime = protocol.config.runtime
+    first_step = protocol.step_index
+    for attempt in range(runtime.max_round_retries + 1):
+        try:
+            protocol.train_round(round_index, participants)
+            return
+        except RoundFailed as error:
+            if attempt == runtime.max_round_retries:
+                raise
+            log({"kind": "round_retry", "round": round_index, "attempt": attempt + 1, "reason": str(error)})
+            protocol.step_index = first_step  # the global adapter is unchanged until a round succeeds
+            if protocol.ctx.remote is not None:
+                protocol.ctx.remote.transport.wait_for(participants, runtime.connect_timeout_s)
 
 
 def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_loss: float, wall: float, plan: Plan) -> dict:

@@ -44,3 +44,22 @@ def test_compressed_run_counts_fewer_bytes_and_still_trains(tiny_llama_dir, corp
 
     again = run(config, tmp_path / "again", progress=False)  # same seed, same config: same result
     assert (again["final_eval_loss"], again["bytes_up"]) == (packed["final_eval_loss"], packed["bytes_up"])
+
+
+def test_resumed_compressed_run_matches_uninterrupted_run(tiny_llama_dir, corpus_dir, tmp_path):
+    """Stochastic quantization draws from the message's identity, so a resumed run draws alike."""
+    compression = {"activations": "topk:0.3 > quant:3", "gradients": "quant:4 > zstd"}
+
+    def config(rounds: int):
+        return tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", train={"rounds": rounds, "local_steps": 2},
+                               compression=compression)
+
+    whole = run(config(3), tmp_path / "whole", progress=False)
+    run(config(2), tmp_path / "resumed", progress=False)
+    resumed = run(config(3), tmp_path / "resumed", progress=False, resume=True)
+    assert resumed["final_eval_loss"] == whole["final_eval_loss"]
+
+    def rounds(name: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in ("wall_s", "sim_s")} for r in _records(tmp_path / name, "round")]
+
+    assert rounds("whole") == rounds("resumed")

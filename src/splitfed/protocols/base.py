@@ -6,6 +6,7 @@ whom in one round. The engine (``splitfed.run``) drives rounds, evaluation and o
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -33,10 +34,15 @@ from splitfed.optim import lr_at
 from splitfed.roles.aggregator import Aggregator
 from splitfed.roles.device import Device
 from splitfed.runtime.inproc import InProcessLink
+from splitfed.runtime.remote import DeviceDropped
 from splitfed.system.clock import Clock
 from splitfed.wire.messages import Message
 
 GLOBAL_ADAPTER = "global"
+
+
+class RoundFailed(RuntimeError):
+    """Too few devices finished the round; the engine retries it."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -92,6 +98,7 @@ class Protocol(ABC):
         self.aggregator = Aggregator(get_adapter_state(self.model, GLOBAL_ADAPTER), self.family)
         self._global_layers = lora_layers(self.model)
         self.devices: dict[int, Device] = {}
+        self.dropped: set[int] = set()  # devices that left a round and have not finished one since
         self.build()
 
     # --- building blocks ------------------------------------------------------------------
@@ -140,6 +147,33 @@ class Protocol(ABC):
     def take_sent(self) -> dict[tuple[int, str], int]:
         sent, self.sent = dict(self.sent), defaultdict(int)
         return sent
+
+    def attempt(self, device: int, round_index: int, step: int, active: list[int], action: Callable[[], object]) -> object:
+        """Run one exchange with ``device``; if the device is lost, drop it from ``active`` and return None.
+
+        Local devices never drop; remote ones (gRPC, Ray) do when they disconnect, miss their
+        deadline or send a message that fails the checks. The drop is recorded in metrics.
+        """
+        try:
+            return action()
+        except DeviceDropped as error:
+            if device in active:
+                active.remove(device)
+                self.dropped.add(device)
+                self.ctx.log({"kind": "drop", "round": round_index, "step": step, "device": device,
+                              "reason": error.reason})
+            return None
+
+    def require_quorum(self, round_index: int, participants: list[int], active: list[int]) -> None:
+        """Raise RoundFailed unless enough of the round's devices finished it (runtime.quorum);
+        record devices that finish a round after having dropped out of an earlier one."""
+        needed = max(1, math.ceil(self.config.runtime.quorum * len(participants)))
+        if len(active) < needed:
+            raise RoundFailed(f"round {round_index}: {len(active)} of {len(participants)} devices finished, "
+                              f"runtime.quorum needs {needed}")
+        for device in sorted(self.dropped & set(active)):
+            self.dropped.discard(device)
+            self.ctx.log({"kind": "rejoin", "round": round_index, "device": device})
 
     def log_step(
         self, round_index: int, step: int, device: int, loss: float, tokens: int, started: float, sim_s: float

@@ -34,25 +34,30 @@ class LocalProtocol(Protocol):
         return self.up(device, message) if direction == "up" else self.down(device, message)
 
     def train_round(self, round_index: int, participants: list[int]) -> None:
+        devices = self.devices
         self.clock.begin_round(round_index, participants)
+        active = list(participants)  # devices still in the round (remote ones may drop)
         for u in participants:
-            state = self.aggregator.global_state
-            message = Message("adapter_download", "aggregator", round_index, 0, state)
-            self.devices[u].download(self._transfer(u, message, "down"))
+            message = Message("adapter_download", "aggregator", round_index, 0, self.aggregator.global_state)
+            self.attempt(u, round_index, 0, active, lambda: devices[u].download(self._transfer(u, message, "down")))
         self.clock.transfer(self.take_sent(), "down")
         self.link.clear_pending()  # adapter downloads are counted per round, not per step
         for step in range(self.config.train.local_steps):
             started, lr = time.perf_counter(), self.current_lr()
-            done = self.clock.local_step(participants, on_server=not self.federated)
-            for u in participants:
-                loss, tokens = self.devices[u].local_step(lr)
-                self.log_step(round_index, step, u, loss, tokens, started, done[u])
+            done = self.clock.local_step(list(active), on_server=not self.federated)
+            for u in list(active):
+                result = self.attempt(u, round_index, step, active, lambda: devices[u].local_step(lr))
+                if result is not None:
+                    self.log_step(round_index, step, u, *result, started, done[u])
             self.step_index += 1
         uploads = []
-        for u in participants:
-            upload = self._transfer(u, self.devices[u].upload(round_index), "up")
-            uploads.append((upload.tensors, float(upload.values["num_samples"])))
+        for u in list(active):
+            upload = self.attempt(u, round_index, 0, active,
+                                  lambda: self._transfer(u, devices[u].upload(round_index), "up"))
+            if upload is not None:
+                uploads.append((upload.tensors, float(upload.values["num_samples"])))
         self.clock.transfer(self.take_sent(), "up")
+        self.require_quorum(round_index, participants, active)
         self.aggregator.aggregate(uploads)
 
     def memory(self) -> dict[str, int]:

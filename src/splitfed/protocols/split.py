@@ -47,38 +47,50 @@ class SplitProtocol(Protocol):
     def train_round(self, round_index: int, participants: list[int]) -> None:
         devices, server, clock = self.devices, self.server, self.clock
         clock.begin_round(round_index, participants)
+        active = list(participants)  # devices still in the round (remote ones may drop)
         for u in participants:
-            device = devices[u]
-            state = self.aggregator.slice(device.layers)
-            device.download(self.down(u, Message("adapter_download", "aggregator", round_index, 0, state)))
-        for slot in {id(server.slots[u]): server.slots[u] for u in participants}.values():
+            state = self.aggregator.slice(devices[u].layers)
+            download = Message("adapter_download", "aggregator", round_index, 0, state)
+            self.attempt(u, round_index, 0, active, lambda: devices[u].download(self.down(u, download)))
+        for slot in {id(server.slots[u]): server.slots[u] for u in active}.values():
             self._load_slot(slot)
         clock.transfer(self.take_sent(), "down")
 
         self.link.clear_pending()  # adapter downloads are counted per round, not per step
         for step in range(self.config.train.local_steps):
             started, lr = time.perf_counter(), self.current_lr()
-            groups = self.groups(participants)
+            groups = self.groups(list(active))
             for group in groups:
-                arrivals = [(u, self.up(u, devices[u].forward(round_index, step))) for u in group]
+                arrivals = []
+                for u in group:
+                    sent = self.attempt(u, round_index, step, active, lambda: devices[u].forward(round_index, step))
+                    if sent is not None:
+                        arrivals.append((u, self.up(u, sent)))
                 gradients = server.process(arrivals)
-                norms = {u: self.up(u, devices[u].backward(self.down(u, gradients[u]))) for u in group}
-                for u, reply in server.finish(norms, lr).items():
-                    devices[u].apply(self.down(u, reply), lr)
+                norms = {}
+                for u, _ in arrivals:
+                    reply = self.attempt(u, round_index, step, active,
+                                         lambda: devices[u].backward(self.down(u, gradients[u])))
+                    if reply is not None:
+                        norms[u] = self.up(u, reply)
+                for u, scale in server.finish(norms, lr).items():
+                    self.attempt(u, round_index, step, active, lambda: devices[u].apply(self.down(u, scale), lr))
             slots = len({id(server.slots[u]) for u in participants})
             one_slot_rank = self.global_rank if len(server.unique_slots()) == 1 else None
             done = clock.split_step(groups, self.take_sent(), slots < len(groups), one_slot_rank)
-            for u in participants:
+            for u in active:
                 self.log_step(round_index, step, u, devices[u].last_loss, devices[u].last_tokens, started, done[u])
             self.step_index += 1
 
         uploads = []
-        for u in participants:
-            upload = self.up(u, devices[u].upload(round_index))
-            slot = server.slots[u]
-            full_depth = {**upload.tensors, **get_adapter_state(slot.stage.model, slot.adapter)}
-            uploads.append((full_depth, float(upload.values["num_samples"])))
+        for u in list(active):
+            upload = self.attempt(u, round_index, 0, active, lambda: self.up(u, devices[u].upload(round_index)))
+            if upload is not None:
+                slot = server.slots[u]
+                full_depth = {**upload.tensors, **get_adapter_state(slot.stage.model, slot.adapter)}
+                uploads.append((full_depth, float(upload.values["num_samples"])))
         clock.transfer(self.take_sent(), "up")
+        self.require_quorum(round_index, participants, active)
         self.aggregator.aggregate(uploads)
 
     def memory(self) -> dict[str, int]:

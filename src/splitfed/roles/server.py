@@ -44,6 +44,7 @@ class Server:
         self.train = train
         self.slots: dict[int, ServerSlot] = {}
         self.meter = ActivationMeter()
+        self._unfinished: dict[int, ServerSlot] = {}
 
     def add_slot(self, devices: list[int], stage: Stage, adapter: str) -> ServerSlot:
         """Serve ``devices`` with the server-side ``stage`` and its LoRA ``adapter``."""
@@ -70,6 +71,7 @@ class Server:
         by_slot: dict[int, list[tuple[int, Message]]] = {}
         for device, message in arrivals:
             by_slot.setdefault(id(self.slots[device]), []).append((device, message))
+        self._unfinished = {key: self.slots[group[0][0]] for key, group in by_slot.items()}
         saved = 0  # the slots of one group run in parallel: their saved activations coexist
         for group in by_slot.values():
             replies.update(self._run_slot(self.slots[group[0][0]], group))
@@ -98,15 +100,23 @@ class Server:
         return replies
 
     def finish(self, norms: dict[int, Message], lr: float) -> dict[int, Message]:
-        """Clip on the joint norm (server LoRA + the devices' LoRA of this step), then step."""
+        """Clip on the joint norm (server LoRA + the devices' LoRA of this step), then step.
+
+        A slot none of whose devices reported a norm (they dropped out after its forward) does
+        not step; its gradients are discarded.
+        """
         replies = {}
         for slot in {id(self.slots[d]): self.slots[d] for d in norms}.values():
             devices = [d for d in norms if self.slots[d] is slot]
             total_sq = slot.server_sq_norm + sum(float(norms[d].values["sq_norm"]) for d in devices)
             scale = clip_scale(total_sq, self.train.max_grad_norm)
             apply_step(slot.optimizer, slot.params, scale, lr)
+            self._unfinished.pop(id(slot), None)
             for d in devices:
                 replies[d] = Message("clip_scale", "server", norms[d].round, norms[d].step, values={"scale": scale})
+        for slot in self._unfinished.values():
+            slot.optimizer.zero_grad(set_to_none=True)
+        self._unfinished = {}
         return replies
 
     # --- accounting ---------------------------------------------------------------------

@@ -59,6 +59,9 @@ class RayTransport:
     def notify(self, device: int, message: Message) -> None:
         self.hosts[device].call.remote(device, encode(message))
 
+    def wait_for(self, devices: list[int], timeout_s: float) -> list[int]:
+        return devices  # host actors are restarted by Ray itself, not reconnected by us
+
 
 def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
     """Run an experiment whose devices are Ray actors; returns the run summary."""

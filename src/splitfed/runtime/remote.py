@@ -40,6 +40,9 @@ class Transport(Protocol):
     def notify(self, device: int, message: Message) -> None:
         """Send ``message`` without waiting for a reply (errors, stop); a lost device is ignored."""
 
+    def wait_for(self, devices: list[int], timeout_s: float) -> list[int]:
+        """Wait until ``devices`` are reachable (or the timeout passes); return the reachable ones."""
+
 
 class DeviceDropped(ConnectionError):
     """A device left the round: disconnected, too slow, or sent a message that failed the checks."""
@@ -191,9 +194,14 @@ class RemoteDevice:
 
     # --- accounting (reported by the device process) -----------------------------------------
     def _reported(self) -> dict:
+        """The device's own memory report; zeros (logged) if it cannot be reached at the end."""
         if self._report is None:
             expected = Expectation("ack", 0, 0, finite_values=("peak_bytes", "trainable_params"))
-            self._report = self._exchange(self._call("report"), expected).values
+            try:
+                self._report = self._exchange(self._call("report"), expected).values
+            except DeviceDropped as error:
+                log.warning("device %d: no memory report: %s", self.id, error.reason)
+                self._report = {"peak_bytes": 0, "trainable_params": 0}
         return self._report
 
     def peak_bytes(self) -> int:

@@ -128,20 +128,24 @@ class Clock:
     def split_step(
         self, groups: list[list[int]], sent: Mapping[tuple[int, str], int], shared_slot: bool, slot_rank: int | None = None
     ) -> dict[int, float]:
-        """Seconds from step start until each device has applied its update; advances the round."""
+        """Seconds from step start until each device has applied its update; advances the round.
+
+        ``sent``: bytes per (device, message kind) the link counted in this step; a kind missing
+        for a device (it dropped out during the step) counts as nothing sent.
+        """
         free, done_at = 0.0, {}
         for group in groups:
             flops = {u: self.device_flops(u) for u in group}
             speed = {u: self.devices[u].flops for u in group}
-            arrived = max(flops[u].forward / speed[u] + self.up_s(u, sent[(u, "activations")]) for u in group)
+            arrived = max(flops[u].forward / speed[u] + self.up_s(u, sent.get((u, "activations"), 0)) for u in group)
             computed = max(free, arrived) + self.server_s(group, slot_rank)
             norms_in = {
-                u: computed + self.down_s(u, sent[(u, "activation_grad")]) + flops[u].backward / speed[u]
-                + self.up_s(u, sent[(u, "grad_norm")])
+                u: computed + self.down_s(u, sent.get((u, "activation_grad"), 0)) + flops[u].backward / speed[u]
+                + self.up_s(u, sent.get((u, "grad_norm"), 0))
                 for u in group
             }
             stepped = max(norms_in.values())
-            done_at.update({u: stepped + self.down_s(u, sent[(u, "clip_scale")]) for u in group})
+            done_at.update({u: stepped + self.down_s(u, sent.get((u, "clip_scale"), 0)) for u in group})
             free = stepped if shared_slot else computed
         self.round_s += max(done_at.values())
         return done_at

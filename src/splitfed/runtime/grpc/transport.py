@@ -249,6 +249,9 @@ class GrpcTransport:
         except DeviceLost:
             pass
 
+    def wait_for(self, devices: list[int], timeout_s: float) -> list[int]:
+        return self.server.wait_for(devices, timeout_s)
+
 
 def connect(
     address: str, device: int, token: str, settings: TransportSettings = TransportSettings(), ready_timeout_s: float = 60.0
