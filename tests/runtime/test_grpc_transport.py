@@ -82,3 +82,42 @@ def test_unsolicited_messages_are_answered_with_errors(server):
     assert [r.kind for r in replies] == ["error"] * 4
     assert "unsolicited ack" in replies[0].values["reason"] and "header" in replies[3].values["reason"]
     assert server.session(0).refused == 4
+
+
+def _make_certificates(directory) -> dict[str, object]:
+    """A CA, a server certificate for 127.0.0.1 and a device certificate, made with openssl."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=splitfed-test-ca")
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("device", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (directory / f"{name}.ext").write_text(extra + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+    return {n: directory / n for n in ("ca.pem", "server.pem", "server.key", "device.pem", "device.key")}
+
+
+def test_mutual_tls_admits_only_devices_with_a_certificate(tmp_path):
+    files = _make_certificates(tmp_path)
+    server_settings = TransportSettings(tls_cert=files["server.pem"], tls_key=files["server.key"], tls_ca=files["ca.pem"])
+    link = LinkServer("127.0.0.1:0", {0: "t0", 1: "t1"}, server_settings)
+    try:
+        address = f"127.0.0.1:{link.port}"
+        with_cert = TransportSettings(tls_ca=files["ca.pem"], tls_cert=files["device.pem"], tls_key=files["device.key"])
+        device = connect(address, 0, "t0", with_cert, ready_timeout_s=10)
+        assert link.wait_for([0], timeout=10) == [0]
+        link.session(0).send(Message("call", "server", 0, 0, values={"op": "forward"}))
+        assert device.receive(timeout=10)[0].values["op"] == "forward"
+        with pytest.raises(DeviceLost):  # TLS to the right server, but no client certificate
+            connect(address, 1, "t1", TransportSettings(tls_ca=files["ca.pem"]), ready_timeout_s=3).receive(timeout=10)
+        assert link.session(1) is None
+    finally:
+        link.stop(grace=0)
