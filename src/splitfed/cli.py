@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,21 +14,38 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split federated LoRA fine-tuning of LLMs.")
 console = Console(stderr=True)
 
+OutOption = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")]
+SetOption = Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a bad config, data file or missing checkpoint as one line and exit with status 2."""
+    from splitfed.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+
 
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config (see examples/).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")] = [],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    out: OutOption = None,
+    set_: SetOption = [],
+    resume: ResumeOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Run one experiment and fill its run directory."""
     from splitfed.config import ConfigError, load_config
     from splitfed.report import print_summary
     from splitfed.run import run as run_experiment
 
-    try:
+    with user_errors():
         cfg = load_config(config, set_)
         out_dir = out or Path("runs") / config.stem
         if cfg.runtime.kind == "grpc":
@@ -35,33 +54,27 @@ def run(
         if cfg.runtime.kind == "ray":
             from splitfed.runtime.ray import run_on_ray as run_experiment
         summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume)
-    except (ConfigError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
     print_summary(summary, out_dir, Console())
 
 
 @app.command()
 def serve(
     config: Annotated[Path, typer.Argument(help="TOML config with [runtime] kind = \"grpc\".")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")] = [],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    out: OutOption = None,
+    set_: SetOption = [],
+    resume: ResumeOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Start the server (and aggregator); devices join with `splitfed device`."""
-    from splitfed.config import ConfigError, load_config
+    from splitfed.config import load_config
     from splitfed.report import print_summary
     from splitfed.runtime.grpc.processes import serve as serve_run
 
     _log_to_stderr()
-    try:
+    with user_errors():
         cfg = load_config(config, [*set_, "runtime.kind=\"grpc\""])
         out_dir = out or Path("runs") / config.stem
         summary = serve_run(cfg, out_dir, progress=not quiet, resume=resume)
-    except (ConfigError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
     print_summary(summary, out_dir, Console())
 
 
@@ -71,18 +84,15 @@ def device(
     device_id: Annotated[int, typer.Option("--id", help="This device's id (0-based).")],
     address: Annotated[Optional[str], typer.Option(help="Server address (default runtime.address).")] = None,
     token: Annotated[Optional[str], typer.Option(help="This device's token (default runtime.tokens[id]).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")] = [],
+    set_: SetOption = [],
 ) -> None:
     """Start one device process: it loads only its own stage and data, and trains with the server."""
-    from splitfed.config import ConfigError, load_config
+    from splitfed.config import load_config
     from splitfed.runtime.grpc.processes import run_device
 
     _log_to_stderr()
-    try:
+    with user_errors():
         run_device(load_config(config, [*set_, "runtime.kind=\"grpc\""]), device_id, address=address, token=token)
-    except (ConfigError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
 
 
 def _log_to_stderr() -> None:
