@@ -51,28 +51,33 @@ def _serve_in_thread(config_path, out, overrides=()):
 
 
 def test_killed_device_is_dropped_and_rejoins_after_restart(tiny_llama_dir, corpus_dir, tmp_path):
+    """quorum = 1: the round the device dies in is retried once the restarted device is back,
+    so the test does not depend on how fast a process starts on a busy machine."""
     config_path = tmp_path / "config.toml"
     write_config(config_path, tiny_llama_dir, corpus_dir, "memsfl", "[1, 2, 4]", free_port())
     devices = start_devices(config_path, DEVICES)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    overrides = ["train.rounds=40", "train.local_steps=3", "runtime.request_timeout_s=20"]
+    overrides = ["train.rounds=4", "train.local_steps=3", "runtime.quorum=1.0", "runtime.request_timeout_s=20"]
     thread, result = _serve_in_thread(config_path, tmp_path / "run", overrides)
     try:
         _wait_until(lambda: any(r.get("round") == 1 and r["kind"] == "step" for r in _records(metrics)), 180, "round 1")
         devices[3].send_signal(signal.SIGKILL)  # mid-round
         devices[3].wait(timeout=30)
-        devices[3] = start_devices(config_path, DEVICES)[3]  # the others exit at once: wrong time to join
+        devices[3] = subprocess.Popen(
+            [sys.executable, "-m", "splitfed.cli", "device", str(config_path), "--id", "3"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
         thread.join(timeout=600)
         assert not thread.is_alive() and "error" not in result, result.get("error")
     finally:
         for process in devices:
             process.kill()
     records = _records(metrics)
-    drops = [r for r in records if r["kind"] == "drop" and r["device"] == 3]
-    rejoins = [r for r in records if r["kind"] == "rejoin" and r["device"] == 3]
-    assert drops and drops[0]["round"] >= 1, drops
-    assert rejoins and rejoins[0]["round"] > drops[0]["round"], records[-5:]
-    assert result["summary"]["rounds"] == 40
+    kinds = [(r["kind"], r.get("device")) for r in records]
+    drop, retry, rejoin = kinds.index(("drop", 3)), kinds.index(("round_retry", None)), kinds.index(("rejoin", 3))
+    assert records[drop]["round"] >= 1 and drop < retry < rejoin
+    assert result["summary"]["rounds"] == 4
+    assert {r["device"] for r in records if r["kind"] == "step" and r["round"] == 3} == {0, 1, 2, 3}
 
 
 def test_server_killed_after_round_two_resumes_to_the_same_adapters(tiny_llama_dir, corpus_dir, tmp_path):
