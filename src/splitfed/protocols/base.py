@@ -68,7 +68,7 @@ class Context:
     """Resolved cut depth per device (split protocols)."""
     log: Callable[[dict], None]
     remote: object | None = None
-    """Handles of device processes (``runtime.grpc.remote.RemoteDevices``); None: devices run here."""
+    """Handles of devices in other processes (``runtime.remote.RemoteDevices``); None: devices run here."""
 
 
 class Protocol(ABC):
