@@ -85,10 +85,10 @@ class Server:
         hidden = torch.cat([m.tensors["hidden"] for m in messages]).requires_grad_(True)  # (batch, seq, hidden)
         mask = torch.cat([m.tensors["attention_mask"] for m in messages])
         labels = torch.cat([m.tensors["labels"] for m in messages])
-        with self.meter.measure(exclude=slot.held_tensors):
-            logits = slot.stage(hidden, mask, position_ids_for(mask))
         sizes = [m.tensors["hidden"].shape[0] for m in messages]
-        sums, counts = zip(*(token_loss_sum(lg, lb) for lg, lb in zip(logits.split(sizes), labels.split(sizes))))
+        with self.meter.measure(exclude=slot.held_tensors):  # the loss's log-softmax is saved too
+            logits = slot.stage(hidden, mask, position_ids_for(mask))
+            sums, counts = zip(*(token_loss_sum(lg, lb) for lg, lb in zip(logits.split(sizes), labels.split(sizes))))
         total_tokens = max(sum(counts), 1)
         (sum(sums) / total_tokens).backward()
         slot.server_sq_norm = grad_sq_norm(slot.params)

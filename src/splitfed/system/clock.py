@@ -147,7 +147,7 @@ class Clock:
             stepped = max(norms_in.values())
             done_at.update({u: stepped + self.down_s(u, sent.get((u, "clip_scale"), 0)) for u in group})
             free = stepped if shared_slot else computed
-        self.round_s += max(done_at.values())
+        self.round_s += max(done_at.values(), default=0.0)  # no devices left: nothing happened
         return done_at
 
     def local_step(self, devices: list[int], on_server: bool) -> dict[int, float]:
@@ -155,7 +155,7 @@ class Clock:
         seconds = {
             u: self.device_flops(u).total / (self.server.flops if on_server else self.devices[u].flops) for u in devices
         }
-        self.round_s += max(seconds.values())
+        self.round_s += max(seconds.values(), default=0.0)
         return seconds
 
 
