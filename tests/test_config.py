@@ -52,3 +52,9 @@ def test_overrides_and_file_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="lora.targets"):
         parse_config({"lora": {"targets": []}, "devices": {"cuts": [1]}})
+
+
+def test_codecs_are_refused_outside_the_in_process_runtime(tiny_llama_dir, corpus_dir):
+    with pytest.raises(ConfigError, match="compression.activations: codecs run in the in-process runtime only"):
+        tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", compression={"activations": "fp16"},
+                        runtime={"kind": "ray"})

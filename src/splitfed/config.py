@@ -230,6 +230,12 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _runtime_checks(self) -> RunConfig:
+        compressed = [f for f in ("activations", "gradients", "adapters") if getattr(self.compression, f) != "none"]
+        if self.runtime.kind != "inproc" and compressed:
+            raise ValueError(
+                f"compression.{compressed[0]}: codecs run in the in-process runtime only for now; "
+                f"runtime.kind={self.runtime.kind!r} sends fp32 payloads (set compression.* = 'none')"
+            )
         if self.runtime.kind == "grpc" and len(self.runtime.tokens) < self.devices.count:
             raise ValueError(
                 f"runtime.tokens: grpc needs one token per device; got {len(self.runtime.tokens)} "
