@@ -23,7 +23,6 @@ pipeline's size and error from the spec alone, without running a model.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -195,16 +194,20 @@ class TopK:
 
     def encode(self, x: torch.Tensor, rng: torch.Generator) -> tuple[Parts, Meta]:
         flat = x.reshape(-1)
-        mask = torch.zeros(flat.numel(), dtype=torch.bool)
-        if flat.numel():
-            if self.per_token and x.dim() > 0:
-                rows = flat.view(-1, x.shape[-1])  # (tokens, hidden)
-                top = rows.abs().topk(self.keep(rows.shape[1]), dim=1, sorted=False).indices
-                mask.view(rows.shape).scatter_(1, top, True)
-            else:
-                mask[flat.abs().topk(self.keep(flat.numel()), sorted=False).indices] = True
-        bits = np.packbits(mask.numpy())
-        return {PAYLOAD: flat[mask], "mask": torch.from_numpy(bits)}, {"numel": flat.numel()}
+        n = flat.numel()
+        # numpy's introselect (argpartition) is several times faster than torch.topk here.
+        magnitude = flat.abs().numpy()
+        mask = np.zeros(n, dtype=np.bool_)
+        if n and self.per_token and x.dim() > 0:
+            rows = magnitude.reshape(-1, x.shape[-1])  # (tokens, hidden)
+            cut = rows.shape[1] - self.keep(rows.shape[1])
+            top = np.argpartition(rows, cut, axis=1)[:, cut:]
+            np.put_along_axis(mask.reshape(rows.shape), top, True, axis=1)
+        elif n:
+            cut = n - self.keep(n)
+            mask[np.argpartition(magnitude, cut)[cut:]] = True
+        values = flat[torch.from_numpy(mask)]
+        return {PAYLOAD: values, "mask": torch.from_numpy(np.packbits(mask))}, {"numel": n}
 
     def decode(self, parts: Parts, meta: Meta) -> torch.Tensor:
         numel = _meta_int(meta, "numel", self.spec)
@@ -215,9 +218,7 @@ class TopK:
             raise CodecError(f"{self.spec}: values have dtype {values.dtype}, expected torch.float32")
         if values.dim() != 1 or values.numel() != int(mask.sum()):
             raise CodecError(f"{self.spec}: {values.numel()} values for a mask with {int(mask.sum())} positions")
-        out = torch.zeros(numel, dtype=torch.float32)
-        out[mask] = values
-        return out
+        return torch.zeros(numel, dtype=torch.float32).masked_scatter_(mask, values)
 
     def estimate(self, numel: int, row_size: int) -> tuple[int, dict[str, tuple[float, float]]]:
         kept = numel // row_size * self.keep(row_size) if self.per_token else self.keep(numel)
