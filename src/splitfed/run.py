@@ -143,7 +143,7 @@ def run(
 ) -> dict:
     """Run a whole experiment into ``out`` and return its summary.
 
-    ``remote``: handles of device processes (gRPC runtime); None runs every role in this process.
+    ``remote``: handles of devices in other processes (gRPC or Ray); None runs every role here.
     """
     started = time.perf_counter()
     plan = plan_run(config)  # fail on a bad config before creating anything
