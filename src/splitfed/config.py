@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A configuration problem, with the field and what is allowed."""
 
 
+def _one_of(value: str, allowed, what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -156,9 +162,7 @@ class SystemSection(_Section):
     @field_validator("server")
     @classmethod
     def _known_server(cls, value: str) -> str:
-        if value not in SERVERS:
-            raise ValueError(f"unknown server profile {value!r}; allowed: {', '.join(SERVERS)}")
-        return value
+        return _one_of(value, SERVERS, "server profile")
 
 
 class RuntimeSection(_Section):
@@ -204,9 +208,7 @@ class RunConfig(_Section):
     @field_validator("protocol")
     @classmethod
     def _known_protocol(cls, value: str) -> str:
-        if value not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {value!r}; allowed: {', '.join(PROTOCOLS)}")
-        return value
+        return _one_of(value, PROTOCOLS, "protocol")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
