@@ -157,13 +157,16 @@ def test_fuzzed_server_answers_every_bad_message_and_keeps_training(tiny_llama_d
                 message, _ = attacker.receive(timeout=120)
             except ConnectionError:
                 return
-            if message.kind == "error":
-                errors.append(message.values["reason"])
-            elif message.kind == "call" and message.values.get("op") == "forward":
-                attacker.send(bad_activation(message, answers))  # a reply the server must refuse
-                answers += 1
-            elif message.kind in ("adapter_download", "call"):  # a bare ack: right for downloads, wrong for the rest
-                attacker.send(Message("ack", "device3", message.round, message.step))
+            try:
+                if message.kind == "error":
+                    errors.append(message.values["reason"])
+                elif message.kind == "call" and message.values.get("op") == "forward":
+                    attacker.send(bad_activation(message, answers))  # a reply the server must refuse
+                    answers += 1
+                elif message.kind in ("adapter_download", "call"):  # a bare ack: right for downloads only
+                    attacker.send(Message("ack", "device3", message.round, message.step))
+            except ConnectionError:  # the server has finished and closed the stream
+                return
             if len(errors) >= 1000 and not thread.is_alive():
                 answered.set()
 
