@@ -45,7 +45,32 @@ class _Tally:
     messages: int = 0
 
 
-class InProcessLink:
+class ByteCounts:
+    """Bytes on the wire: ``total_up`` / ``total_down`` only grow; per-device counts are taken
+    (and reset) by whoever writes a per-step record."""
+
+    def __init__(self) -> None:
+        self.total_up = 0
+        self.total_down = 0
+        self._up: dict[int, int] = defaultdict(int)
+        self._down: dict[int, int] = defaultdict(int)
+
+    def record(self, device: int, up: int = 0, down: int = 0) -> None:
+        self.total_up, self.total_down = self.total_up + up, self.total_down + down
+        self._up[device] += up
+        self._down[device] += down
+
+    def take_counts(self, device: int) -> tuple[int, int]:
+        """Bytes (up, down) of ``device`` since the last call, then reset them."""
+        return self._up.pop(device, 0), self._down.pop(device, 0)
+
+    def clear_pending(self) -> None:
+        """Forget per-device counts (e.g. adapter traffic that belongs to no step)."""
+        self._up.clear()
+        self._down.clear()
+
+
+class InProcessLink(ByteCounts):
     """Carries messages up (device -> server) and down (server -> device), compresses and counts bytes.
 
     ``total_up`` / ``total_down`` only grow; the per-device counters are taken (and reset)
@@ -61,32 +86,20 @@ class InProcessLink:
             if compression.error_feedback
             else {}
         )
-        self.total_up = 0
-        self.total_down = 0
-        self._up: dict[int, int] = defaultdict(int)
-        self._down: dict[int, int] = defaultdict(int)
+        super().__init__()
         self._tallies = {s: _Tally() for s in STREAMS}
 
     def up(self, device: int, message: Message) -> Message:
         data = encode(self._compress("up", device, message))
-        self.total_up += len(data)
-        self._up[device] += len(data)
+        self.record(device, up=len(data))
         return self._receive(data, message)
 
     def down(self, device: int, message: Message) -> Message:
         data = encode(self._compress("down", device, message))
-        self.total_down += len(data)
-        self._down[device] += len(data)
+        self.record(device, down=len(data))
         return self._receive(data, message)
 
-    def take_counts(self, device: int) -> tuple[int, int]:
-        """Bytes (up, down) of ``device`` since the last call, then reset them."""
-        return self._up.pop(device, 0), self._down.pop(device, 0)
 
-    def clear_pending(self) -> None:
-        """Forget per-device counts (e.g. adapter traffic that belongs to no step)."""
-        self._up.clear()
-        self._down.clear()
 
     def take_stats(self) -> dict[str, float | int | None]:
         """Per stream since the last call: ``{s}_bytes`` (encoded messages, header included),

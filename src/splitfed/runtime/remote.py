@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 
 import torch
 
 from typing import Protocol
 
 from splitfed.models.split import StageSpec
+from splitfed.runtime.inproc import ByteCounts
 from splitfed.wire.messages import Message, MessageError
 from splitfed.wire.validate import Expectation, TensorSpec, validate
 
@@ -53,32 +53,14 @@ class DeviceDropped(ConnectionError):
         self.reason = reason
 
 
-class RemoteLink:
+class RemoteLink(ByteCounts):
     """Byte counters for traffic that the transport already encoded (up/down pass messages through)."""
-
-    def __init__(self) -> None:
-        self.total_up = 0
-        self.total_down = 0
-        self._up: dict[int, int] = defaultdict(int)
-        self._down: dict[int, int] = defaultdict(int)
-
-    def record(self, device: int, up: int = 0, down: int = 0) -> None:
-        self.total_up, self.total_down = self.total_up + up, self.total_down + down
-        self._up[device] += up
-        self._down[device] += down
 
     def up(self, device: int, message: Message) -> Message:
         return message
 
     def down(self, device: int, message: Message) -> Message:
         return message
-
-    def take_counts(self, device: int) -> tuple[int, int]:
-        return self._up.pop(device, 0), self._down.pop(device, 0)
-
-    def clear_pending(self) -> None:
-        self._up.clear()
-        self._down.clear()
 
     def take_stats(self) -> dict:
         """Codec statistics: none yet, the gRPC runtime sends messages uncompressed."""
