@@ -22,7 +22,7 @@ from _report import markdown_table, write_section
 from splitfed.config import parse_config
 from splitfed.data.batches import BatchStream
 from splitfed.models.loading import load_model
-from splitfed.protocols.base import derive_seed
+from splitfed.seeding import derive_seed
 from splitfed.run import build_protocol, plan_run
 
 

@@ -25,6 +25,10 @@ from tests.conftest import tiny_run_config
         ("sfl", {"train": {"devices_per_round": 9}}, r"train.devices_per_round=9 exceeds devices.count=4"),
         ("sfl", {"train": {"optimizer": "adam9"}}, r"train.optimizer: Input should be 'adamw' or 'sgd'"),
         ("sfl", {"train": {"bogus": 1}}, r"train.bogus: unknown field"),
+        ("sfl", {"compression": {"activations_per_device": ["fp16"]}},
+         r"compression.activations_per_device lists 1 pipelines for devices.count=4"),
+        ("sfl", {"compression": {"gradients_per_device": ["fp16", "quant:99", "none", "none"]}},
+         r"compression.gradients_per_device: entry 1 \(device 1\)"),
     ],
 )
 def test_bad_config_names_the_field(tiny_llama_dir, corpus_dir, protocol, sections, expected):
@@ -52,9 +56,3 @@ def test_overrides_and_file_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="lora.targets"):
         parse_config({"lora": {"targets": []}, "devices": {"cuts": [1]}})
-
-
-def test_codecs_are_refused_outside_the_in_process_runtime(tiny_llama_dir, corpus_dir):
-    with pytest.raises(ConfigError, match="compression.activations: codecs run in the in-process runtime only"):
-        tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", compression={"activations": "fp16"},
-                        runtime={"kind": "ray"})

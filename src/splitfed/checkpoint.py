@@ -1,7 +1,8 @@
 """Round checkpoints: everything needed to resume a run exactly (no pickle).
 
 A checkpoint holds the global adapter, every role's adapter and optimizer state, every
-device's batch-stream position, the RNG state and the round/step counters. Tensors go to
+device's batch-stream position, the error-feedback residuals of compressed streams, the
+RNG state and the round/step counters. Tensors go to
 a safetensors file, everything else to JSON; a round's directory is written under a
 temporary name and renamed, so a crash never leaves a half-written checkpoint behind.
 """
@@ -24,6 +25,7 @@ from splitfed.wire.state import flatten, unflatten
 TENSORS_FILE = "state.safetensors"
 META_FILE = "state.json"
 LATEST = "latest"
+LINK = "link/"
 log = logging.getLogger("splitfed.checkpoint")
 
 
@@ -39,6 +41,7 @@ def _roles(protocol: Protocol) -> dict[str, object]:
 def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_loss: float) -> Path:
     tensors: dict[str, torch.Tensor] = {f"global/{k}": v for k, v in protocol.aggregator.global_state.items()}
     meta: dict[str, object] = {"round": round_index, "step_index": protocol.step_index, "base_loss": base_loss}
+    tensors.update({f"{LINK}{k}": v for k, v in protocol.link.export_state().items()})
     for name, role in _roles(protocol).items():
         try:
             role_tensors, role_meta = role.export_state()
@@ -71,6 +74,7 @@ def load_checkpoint(protocol: Protocol, directory: Path) -> tuple[int, float]:
     tensors = load_file(path / TENSORS_FILE)
     meta = json.loads((path / META_FILE).read_text())
     protocol.aggregator.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+    protocol.link.import_state({k[len(LINK):]: v for k, v in tensors.items() if k.startswith(LINK)})
     for name, role in _roles(protocol).items():
         if name not in meta:
             continue

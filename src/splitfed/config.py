@@ -127,12 +127,31 @@ class CompressionSection(_Section):
     """Adapter uploads and downloads (every LoRA tensor)."""
     error_feedback: bool = False
     """Add what compression dropped from each stream's last tensor to its next one."""
+    activations_per_device: list[str] = []
+    """Pipeline of device i's activations is entry i (a planner's per-device rates); empty: ``activations``."""
+    gradients_per_device: list[str] = []
+    """Pipeline of the gradients sent to device i is entry i; empty: ``gradients``."""
 
     @field_validator("activations", "gradients", "adapters")
     @classmethod
     def _valid_pipeline(cls, value: str) -> str:
         parse_pipeline(value)  # a SpecError (ValueError) is reported under the field's name
         return value
+
+    @field_validator("activations_per_device", "gradients_per_device")
+    @classmethod
+    def _valid_pipelines(cls, value: list[str]) -> list[str]:
+        for index, spec in enumerate(value):
+            try:
+                parse_pipeline(spec)
+            except ValueError as error:
+                raise ValueError(f"entry {index} (device {index}): {error}") from None
+        return value
+
+    def pipeline_spec(self, stream: str, device: int) -> str:
+        """The pipeline spec of ``stream`` (activations / gradients / adapters) for ``device``."""
+        per_device = {"activations": self.activations_per_device, "gradients": self.gradients_per_device}.get(stream)
+        return per_device[device] if per_device else getattr(self, stream)
 
 
 class SystemSection(_Section):
@@ -223,6 +242,10 @@ class RunConfig(_Section):
                 f"protocol 'sfl' uses one cut for all devices; devices.cuts={self.devices.cuts} "
                 "(use 'memsfl' for per-device cuts)"
             )
+        for field in ("activations_per_device", "gradients_per_device"):
+            given = len(getattr(self.compression, field))
+            if given and given != self.devices.count:
+                raise ValueError(f"compression.{field} lists {given} pipelines for devices.count={self.devices.count}")
         if self.system.subchannels is not None and self.system.subchannels < self.participants_per_round:
             raise ValueError(
                 f"system.subchannels={self.system.subchannels} cannot give each of the "
@@ -232,12 +255,6 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _runtime_checks(self) -> RunConfig:
-        compressed = [f for f in ("activations", "gradients", "adapters") if getattr(self.compression, f) != "none"]
-        if self.runtime.kind != "inproc" and compressed:
-            raise ValueError(
-                f"compression.{compressed[0]}: codecs run in the in-process runtime only for now; "
-                f"runtime.kind={self.runtime.kind!r} sends fp32 payloads (set compression.* = 'none')"
-            )
         if self.runtime.kind == "grpc" and len(self.runtime.tokens) < self.devices.count:
             raise ValueError(
                 f"runtime.tokens: grpc needs one token per device; got {len(self.runtime.tokens)} "

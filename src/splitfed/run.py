@@ -25,7 +25,7 @@ from splitfed.models.loading import load_model, load_model_config, load_tokenize
 from splitfed.protocols import PROTOCOL_CLASSES
 from splitfed.protocols.base import Context, Protocol, RoundFailed
 from splitfed.report import write_plots
-from splitfed.runtime.inproc import compression_summary
+from splitfed.wire.compression import compression_summary
 from splitfed.system.costs import device_memory_bytes, deepest_cut, layer_costs
 
 MB = 1024 * 1024

@@ -47,8 +47,10 @@ def test_compressed_run_counts_fewer_bytes_and_still_trains(tiny_llama_dir, corp
 
 
 def test_resumed_compressed_run_matches_uninterrupted_run(tiny_llama_dir, corpus_dir, tmp_path):
-    """Stochastic quantization draws from the message's identity, so a resumed run draws alike."""
-    compression = {"activations": "topk:0.3 > quant:3", "gradients": "quant:4 > zstd"}
+    """Stochastic quantization draws from the message's identity and checkpoints keep the
+    error-feedback residuals, so a resumed run draws and feeds back alike."""
+    compression = {"activations": "topk:0.3 > quant:3", "gradients": "quant:4 > zstd", "adapters": "topk:0.5",
+                   "error_feedback": True}
 
     def config(rounds: int):
         return tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", train={"rounds": rounds, "local_steps": 2},

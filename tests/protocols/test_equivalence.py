@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from splitfed.data.batches import BatchStream, iterate_batches
 from splitfed.models.loading import load_model
-from splitfed.protocols.base import derive_seed
+from splitfed.seeding import derive_seed
 from splitfed.run import build_protocol, plan_run, run
 from tests.conftest import tiny_run_config
 

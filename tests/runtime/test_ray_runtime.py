@@ -1,4 +1,5 @@
-"""The Ray runtime on a local Ray: devices in host actors train exactly like in-process."""
+"""The Ray runtime on a local Ray: devices in host actors train exactly like in-process, with
+per-device codecs and error feedback kept in the actors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from tests.conftest import tiny_run_config
 
 def test_ray_runtime_matches_in_process(tiny_llama_dir, corpus_dir, tmp_path):
     sections = dict(devices={"count": 4, "cuts": [1, 2, 4]}, data={"partition": "iid"},
-                    train={"rounds": 2, "local_steps": 2, "devices_per_round": 3})
+                    train={"rounds": 2, "local_steps": 2, "devices_per_round": 3},
+                    compression={"activations_per_device": ["quant:8", "topk:0.5 > quant:4", "none", "fp16"],
+                                 "gradients": "quant:8 > zstd", "error_feedback": True})
     local = run(tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", **sections), tmp_path / "inproc", progress=False)
     config = tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", runtime={"kind": "ray", "ray_hosts": 2}, **sections)
     remote = run_on_ray(config, tmp_path / "ray", progress=False)
@@ -23,3 +26,4 @@ def test_ray_runtime_matches_in_process(tiny_llama_dir, corpus_dir, tmp_path):
     for key in local_adapter:
         torch.testing.assert_close(remote_adapter[key], local_adapter[key], atol=1e-5, rtol=1e-5, msg=key)
     assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
+    assert (remote["activations_bytes"], remote["gradients_bytes"]) == (local["activations_bytes"], local["gradients_bytes"])

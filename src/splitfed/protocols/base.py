@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +33,9 @@ from splitfed.optim import lr_at
 from splitfed.roles.aggregator import Aggregator
 from splitfed.roles.device import Device
 from splitfed.runtime.inproc import InProcessLink
+from splitfed.runtime.link import message_codec
 from splitfed.runtime.remote import DeviceDropped
+from splitfed.seeding import derive_seed
 from splitfed.system.clock import Clock
 from splitfed.wire.messages import Message
 
@@ -43,11 +44,6 @@ GLOBAL_ADAPTER = "global"
 
 class RoundFailed(RuntimeError):
     """Too few devices finished the round; the engine retries it."""
-
-
-def derive_seed(*parts: int) -> int:
-    """An independent 63-bit seed for each (run seed, purpose, index) tuple."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 def lora_config(config: RunConfig, family: Family, rank: int, layers: range):
@@ -83,10 +79,8 @@ class Protocol(ABC):
         if ctx.remote is not None:  # devices are other processes: the transport counts the bytes
             self.link = ctx.remote.link
         else:
-            self.link = InProcessLink(self.config.compression, derive_seed(self.config.seed, 3))
+            self.link = InProcessLink(message_codec(self.config))
         self.clock = Clock(self.config, ctx.model.config, ctx.cuts)
-        self.sent: defaultdict[tuple[int, str], int] = defaultdict(int)
-        """Bytes per (device, message kind) since the last ``take_sent``: what the clock consumes."""
         self.step_index = 0
         self.total_steps = self.config.train.rounds * self.config.train.local_steps
         ranks = [self.config.device_rank(u) for u in range(self.config.devices.count)]
@@ -131,22 +125,16 @@ class Protocol(ABC):
         return lr_at(self.step_index, self.total_steps, self.config.train)
 
     def up(self, device: int, message: Message) -> Message:
-        """Deliver ``message`` from ``device`` to the server side, noting its bytes for the clock."""
-        before = self.link.total_up
-        delivered = self.link.up(device, message)
-        self.sent[(device, message.kind)] += self.link.total_up - before
-        return delivered
+        """Deliver ``message`` from ``device`` to the server side (the link counts its bytes)."""
+        return self.link.up(device, message)
 
     def down(self, device: int, message: Message) -> Message:
-        """Deliver ``message`` to ``device``, noting its bytes for the clock."""
-        before = self.link.total_down
-        delivered = self.link.down(device, message)
-        self.sent[(device, message.kind)] += self.link.total_down - before
-        return delivered
+        """Deliver ``message`` to ``device`` (the link counts its bytes)."""
+        return self.link.down(device, message)
 
     def take_sent(self) -> dict[tuple[int, str], int]:
-        sent, self.sent = dict(self.sent), defaultdict(int)
-        return sent
+        """Bytes per (device, message kind) since the last call: what the simulated clock consumes."""
+        return self.link.take_sent()
 
     def attempt(self, device: int, round_index: int, step: int, active: list[int], action: Callable[[], object]) -> object:
         """Run one exchange with ``device``; if the device is lost, drop it from ``active`` and return None.

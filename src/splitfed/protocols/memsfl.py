@@ -13,7 +13,7 @@ import numpy as np
 
 from splitfed.models.split import Stage
 from splitfed.planning.schedule import Job, schedule
-from splitfed.protocols.base import derive_seed
+from splitfed.seeding import derive_seed
 from splitfed.protocols.split import SplitProtocol
 
 

@@ -14,7 +14,8 @@ from splitfed.config import SPLIT_PROTOCOLS, RunConfig
 from splitfed.models.families import family_for, num_layers
 from splitfed.models.loading import load_model_config, load_stage_model, load_tokenizer, prepare_model
 from splitfed.models.split import Stage, StageSpec
-from splitfed.protocols.base import derive_seed, lora_config
+from splitfed.protocols.base import lora_config
+from splitfed.seeding import derive_seed
 from splitfed.roles.device import Device
 from splitfed.run import build_data, plan_run
 

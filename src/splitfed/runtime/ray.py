@@ -17,9 +17,9 @@ from pathlib import Path
 import ray
 
 from splitfed.config import RunConfig
-from splitfed.models.loading import load_model_config
 from splitfed.runtime.endpoint import respond
-from splitfed.runtime.remote import DeviceLost, RemoteDevices
+from splitfed.runtime.link import message_codec
+from splitfed.runtime.remote import DeviceLost, remote_devices
 from splitfed.wire.messages import Message, decode, encode
 
 log = logging.getLogger("splitfed.ray")
@@ -33,10 +33,12 @@ class DeviceHost:
         from splitfed.config import parse_config
         from splitfed.runtime.hosting import host_devices
 
-        self.roles = host_devices(parse_config(config_tree), devices)
+        config = parse_config(config_tree)
+        self.roles = host_devices(config, devices)
+        self.codec = message_codec(config)
 
     def call(self, device: int, payload: bytes) -> bytes:
-        reply = respond(self.roles[device], decode(payload))
+        reply = respond(self.roles[device], decode(payload), self.codec)
         return b"" if reply is None else encode(reply)
 
 
@@ -78,11 +80,7 @@ def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: b
         tree = config.model_dump()
         actors = {h: DeviceHost.options(num_cpus=0).remote(tree, devices) for h, devices in assignment.items()}
         transport = RayTransport({u: actors[h] for h, devices in assignment.items() for u in devices})
-        model_config = load_model_config(config.model.source)
-        remote = RemoteDevices(
-            transport, hidden_size=int(model_config.hidden_size), vocab_size=int(model_config.vocab_size),
-            seq_len=config.train.seq_len, max_batch=config.train.batch_size, timeout_s=runtime.request_timeout_s,
-        )
+        remote = remote_devices(config, transport)
         log.info("%d devices on %d Ray host actors", count, len(actors))
         return run(config, out, progress=progress, resume=resume, remote=remote)
     finally:

@@ -16,8 +16,11 @@ import torch
 
 from typing import Protocol
 
+from splitfed.config import RunConfig
+from splitfed.models.loading import load_model_config
 from splitfed.models.split import StageSpec
-from splitfed.runtime.inproc import ByteCounts
+from splitfed.runtime.link import CONTROL_KINDS, Link, message_codec
+from splitfed.wire.compression import MessageCodec
 from splitfed.wire.messages import Message, MessageError
 from splitfed.wire.validate import Expectation, TensorSpec, validate
 
@@ -53,18 +56,15 @@ class DeviceDropped(ConnectionError):
         self.reason = reason
 
 
-class RemoteLink(ByteCounts):
-    """Byte counters for traffic that the transport already encoded (up/down pass messages through)."""
+class RemoteLink(Link):
+    """The server's side of links to remote devices: the handles exchange (and count) messages
+    themselves, so ``up`` / ``down`` pass messages through."""
 
     def up(self, device: int, message: Message) -> Message:
         return message
 
     def down(self, device: int, message: Message) -> Message:
         return message
-
-    def take_stats(self) -> dict:
-        """Codec statistics: none yet, the gRPC runtime sends messages uncompressed."""
-        return {}
 
 
 class RemoteDevice:
@@ -98,14 +98,25 @@ class RemoteDevice:
 
     # --- transport ------------------------------------------------------------------------
     def _exchange(self, message: Message, expected: Expectation) -> Message:
+        """Send a request (packed by the codec), wait for the reply, count both, unpack and check it."""
+        codec = self.link.codec
+        packed = codec.pack("down", self.id, message)
         try:
-            reply, sent, received = self.transport.request(self.id, message, self.timeout_s)
-            self.link.record(self.id, up=received, down=sent)
-            return validate(reply, expected)
+            reply, sent, received = self.transport.request(self.id, packed, self.timeout_s)
         except DeviceLost as error:
             raise DeviceDropped(self.id, str(error)) from None
         except MessageError as error:
             self._refuse(message, str(error))
+        self.link.record(self.id, down=sent, kind=None if message.kind in CONTROL_KINDS else message.kind)
+        self.link.record(self.id, up=received, kind=None if expected.kind in CONTROL_KINDS else expected.kind)
+        codec.tally(packed, sent)
+        try:
+            dense = codec.unpack(self.id, reply) if reply.kind == expected.kind else reply
+            checked = validate(dense, expected)
+        except MessageError as error:
+            self._refuse(message, str(error))
+        codec.tally(reply, received)
+        return checked
 
     def _call(self, op: str, round_index: int = 0, step: int = 0, **values: float) -> Message:
         return Message("call", "server", round_index, step, values={"op": op, **values})
@@ -197,10 +208,10 @@ class RemoteDevice:
 class RemoteDevices:
     """Creates the handles a protocol uses in place of local devices, and stops them at the end."""
 
-    def __init__(self, transport: Transport, *, hidden_size: int, vocab_size: int, seq_len: int, max_batch: int,
-                 timeout_s: float) -> None:
+    def __init__(self, transport: Transport, codec: MessageCodec, *, hidden_size: int, vocab_size: int, seq_len: int,
+                 max_batch: int, timeout_s: float) -> None:
         self.transport = transport
-        self.link = RemoteLink()
+        self.link = RemoteLink(codec)
         self.handles: dict[int, RemoteDevice] = {}
         self._limits = dict(hidden_size=hidden_size, vocab_size=vocab_size, seq_len=seq_len, max_batch=max_batch,
                             timeout_s=timeout_s)
@@ -213,3 +224,13 @@ class RemoteDevices:
     def stop_all(self) -> None:
         for handle in self.handles.values():
             handle.stop()
+
+
+def remote_devices(config: RunConfig, transport: Transport) -> RemoteDevices:
+    """Handles for the devices of ``config`` reached over ``transport``, with the run's codecs and limits."""
+    model_config = load_model_config(config.model.source)
+    return RemoteDevices(
+        transport, message_codec(config), hidden_size=int(model_config.hidden_size),
+        vocab_size=int(model_config.vocab_size), seq_len=config.train.seq_len, max_batch=config.train.batch_size,
+        timeout_s=config.runtime.request_timeout_s,
+    )

@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 
 from splitfed.config import ConfigError, RunConfig, RuntimeSection
-from splitfed.models.loading import load_model_config
 from splitfed.runtime.endpoint import serve_device
 from splitfed.runtime.hosting import host_devices
 from splitfed.runtime.grpc.transport import GrpcTransport, LinkServer, TransportSettings, connect
-from splitfed.runtime.remote import RemoteDevices
+from splitfed.runtime.link import message_codec
+from splitfed.runtime.remote import remote_devices
 
 log = logging.getLogger("splitfed.grpc")
 
@@ -43,11 +43,7 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
         if len(connected) < len(devices):
             missing = sorted(set(devices) - set(connected))
             raise ConfigError(f"devices {missing} did not connect within runtime.connect_timeout_s={runtime.connect_timeout_s:g} s")
-        model_config = load_model_config(config.model.source)
-        remote = RemoteDevices(
-            GrpcTransport(server), hidden_size=int(model_config.hidden_size), vocab_size=int(model_config.vocab_size),
-            seq_len=config.train.seq_len, max_batch=config.train.batch_size, timeout_s=runtime.request_timeout_s,
-        )
+        remote = remote_devices(config, GrpcTransport(server))
         try:
             return run(config, out, progress=progress, resume=resume, remote=remote)
         finally:
@@ -61,6 +57,7 @@ def run_device(config: RunConfig, device: int, *, address: str | None = None, to
     if not 0 <= device < config.devices.count:
         raise ConfigError(f"--id {device}: allowed 0..{config.devices.count - 1} (devices.count={config.devices.count})")
     role = host_devices(config, [device])[device]
+    codec = message_codec(config)
     settings = transport_settings(config.runtime)
     token = token if token is not None else config.runtime.tokens[device]
     address = address or config.runtime.address
@@ -69,6 +66,6 @@ def run_device(config: RunConfig, device: int, *, address: str | None = None, to
     # A lost connection (server restart, network) is retried until the server says stop.
     while True:
         session = connect(address, device, token, settings, ready_timeout_s=config.runtime.connect_timeout_s)
-        if serve_device(role, session):
+        if serve_device(role, session, codec):
             return
         log.info("device %d: reconnecting", device)
