@@ -171,7 +171,7 @@ def run(
             up_before, down_before = protocol.link.total_up, protocol.link.total_down
             _train_round_with_retries(protocol, round_index, participants, log)
             eval_loss = protocol.evaluate(data.eval)
-            steps = [r for r in log.records if r["kind"] == "step" and r["round"] == round_index]
+            steps = _final_attempt_steps(log.records, round_index)
             log(
                 {
                     "kind": "round",
@@ -213,6 +213,16 @@ def _train_round_with_retries(protocol: Protocol, round_index: int, participants
             protocol.step_index = first_step  # the global adapter is unchanged until a round succeeds
             if protocol.ctx.remote is not None:
                 protocol.ctx.remote.transport.wait_for(participants, runtime.connect_timeout_s)
+
+
+def _final_attempt_steps(records: list[dict], round_index: int) -> list[dict]:
+    """Step records of the attempt that completed ``round_index`` (a retried round's failed
+    attempts stay in metrics.jsonl, before their ``round_retry`` record, but do not count)."""
+    start = 0
+    for index, record in enumerate(records):
+        if record["kind"] == "round_retry" and record["round"] == round_index:
+            start = index + 1
+    return [r for r in records[start:] if r["kind"] == "step" and r["round"] == round_index]
 
 
 def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_loss: float, wall: float, plan: Plan) -> dict:

@@ -21,6 +21,8 @@ from splitfed.runtime.grpc.transport import TransportSettings, connect
 from splitfed.wire.messages import Message, encode
 from tests.runtime.test_grpc_processes import DEVICES, free_port, start_devices, write_config
 
+pytestmark = pytest.mark.slow  # real processes
+
 
 def _records(path) -> list[dict]:
     if not path.exists():
@@ -76,6 +78,11 @@ def test_killed_device_is_dropped_and_rejoins_after_restart(tiny_llama_dir, corp
     kinds = [(r["kind"], r.get("device")) for r in records]
     drop, retry, rejoin = kinds.index(("drop", 3)), kinds.index(("round_retry", None)), kinds.index(("rejoin", 3))
     assert records[drop]["round"] >= 1 and drop < retry < rejoin
+    retried = records[retry]["round"]  # its round record counts the steps of the attempt that completed it
+    final_steps = [r for r in records[retry + 1:] if r["kind"] == "step" and r["round"] == retried]
+    round_record = next(r for r in records if r["kind"] == "round" and r["round"] == retried)
+    assert round_record["loss"] == pytest.approx(sum(r["loss"] for r in final_steps) / len(final_steps))
+    assert round_record["tokens"] == sum(r["tokens"] for r in final_steps)
     assert result["summary"]["rounds"] == 4
     assert {r["device"] for r in records if r["kind"] == "step" and r["round"] == 3} == {0, 1, 2, 3}
 

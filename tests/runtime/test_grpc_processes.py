@@ -14,6 +14,8 @@ from splitfed.config import load_config
 from splitfed.run import run
 from splitfed.runtime.grpc.processes import serve
 
+pytestmark = pytest.mark.slow  # real processes
+
 DEVICES = 4
 
 

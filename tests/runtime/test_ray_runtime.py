@@ -11,6 +11,8 @@ from splitfed.run import run
 from splitfed.runtime.ray import run_on_ray
 from tests.conftest import tiny_run_config
 
+pytestmark = pytest.mark.slow  # real processes
+
 
 def test_ray_runtime_matches_in_process(tiny_llama_dir, corpus_dir, tmp_path):
     sections = dict(devices={"count": 4, "cuts": [1, 2, 4]}, data={"partition": "iid"},

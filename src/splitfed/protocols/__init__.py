@@ -1,7 +1,8 @@
 """Protocols by config name."""
 
 from splitfed.protocols.base import Protocol
-from splitfed.protocols.local import Centralized, FederatedLoRA
+from splitfed.protocols.centralized import Centralized
+from splitfed.protocols.fedlora import FederatedLoRA
 from splitfed.protocols.memsfl import MemorySplitFed
 from splitfed.protocols.sfl import SplitFed
 from splitfed.protocols.sflv1 import SplitFedV1

@@ -1,8 +1,5 @@
-"""Unsplit references: every device trains the whole model with LoRA.
-
-``fedlora``: plain federated LoRA, device adapters FedAvg'd each round (adapter bytes
-counted both ways). ``centralized``: one trainer on the pooled data, no network.
-"""
+"""Round logic shared by the unsplit references (fedlora, centralized): every trainer holds the
+whole model with LoRA, takes local steps, and the adapters are averaged at round end."""
 
 from __future__ import annotations
 
@@ -67,15 +64,3 @@ class LocalProtocol(Protocol):
             "trainable_params_device": max(d.trainable_params for d in self.devices.values()),
             "trainable_params_server": 0,
         }
-
-
-class FederatedLoRA(LocalProtocol):
-    name = "fedlora"
-
-
-class Centralized(LocalProtocol):
-    name = "centralized"
-    federated = False
-
-    def datasets(self) -> list[TokenDataset]:
-        return [TokenDataset.concat(self.ctx.data.train)]

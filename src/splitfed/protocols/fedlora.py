@@ -1,0 +1,10 @@
+"""Plain federated LoRA: every device trains the whole model, adapters FedAvg'd each round
+(adapter bytes counted both ways). The reference that split protocols save device memory against."""
+
+from __future__ import annotations
+
+from splitfed.protocols.local import LocalProtocol
+
+
+class FederatedLoRA(LocalProtocol):
+    name = "fedlora"
