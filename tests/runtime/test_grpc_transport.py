@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -49,6 +51,28 @@ def test_authenticated_device_exchanges_large_messages(server):
     device.send(Message("ack", "device0", 1, 2))
     reply, _ = server.session(0).receive(timeout=10)
     assert reply.kind == "ack"
+
+
+@pytest.mark.slow  # waits 16 s
+def test_idle_stream_survives_keepalive_pings():
+    """A device that waits with no data for several keepalive intervals stays connected (the server
+    must accept the pings instead of answering GOAWAY too_many_pings)."""
+    settings = TransportSettings(keepalive_ms=1000)
+    link = LinkServer("127.0.0.1:0", {0: "t"}, settings)
+    try:
+        device = connect(_address(link), 0, "t", settings)
+        assert link.wait_for([0], timeout=10) == [0]
+        for _ in range(2):
+            session = link.session(0)
+            assert session is not None, "the idle device was disconnected"
+            session.expect_reply()
+            session.send(Message("call", "server", 0, 0, values={"op": "forward"}))
+            device.receive(timeout=10)
+            device.send(Message("ack", "device0", 0, 0))
+            assert session.receive(timeout=10)[0].kind == "ack"
+            time.sleep(8)  # several pings without data
+    finally:
+        link.stop(grace=0)
 
 
 @pytest.mark.parametrize(("device", "token", "reason"), [(0, "wrong", "UNAUTHENTICATED"), (5, "secret-0", "PERMISSION_DENIED")])

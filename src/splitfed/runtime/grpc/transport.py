@@ -55,6 +55,10 @@ class TransportSettings:
             ("grpc.keepalive_timeout_ms", self.keepalive_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # Server side: accept the peer's keepalive pings on an idle stream. The default (one per
+            # 5 min) answers our 10 s pings with GOAWAY "too_many_pings" after ~30 s without data,
+            # which dropped devices that waited for the server to serve the others or evaluate.
+            ("grpc.http2.min_ping_interval_without_data_ms", self.keepalive_ms // 2),
         ]
 
 
