@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from splitfed.cli import app
@@ -46,3 +48,32 @@ def test_bad_config_is_one_clear_error(tiny_llama_dir, corpus_dir, tmp_path):
     assert result.exit_code == 2
     assert "devices.cuts: cut 9 of device 1 is past the last layer" in result.output
     assert not (tmp_path / "run").exists()  # nothing created before validation passed
+
+
+def test_plan_prints_the_table_and_run_follows_the_plan(tiny_llama_dir, corpus_dir, tmp_path):
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[1, 3]")
+    plan_path = tmp_path / "plan.json"
+    result = runner.invoke(app, ["plan", str(config), "--planner", "sft", "--out", str(plan_path), "--set", "seed=3"])
+    assert result.exit_code == 0, result.output
+    for text in ("plan: sft", "cut", "rank", "power W", "compression", "server order", "predicted: round", "total delay"):
+        assert text in result.output, text
+    plan = json.loads(plan_path.read_text())
+    assert len(plan["cuts"]) == 2 and plan["predicted"]["sim_s"] > 0
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(config), "--plan", str(plan_path), "--out", str(out), "--quiet", "--set", "seed=3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cuts"] == plan["cuts"]
+    assert summary["sim_s"] == pytest.approx(plan["predicted"]["sim_s"], rel=1e-2)
+
+
+def test_plan_names_an_infeasible_device(tiny_llama_dir, corpus_dir, tmp_path):
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[1, 3]")
+    result = runner.invoke(app, ["plan", str(config), "--out", str(tmp_path / "p.json"),
+                                 "--set", "devices.memory_mb=[100.0, 0.0001]", "--set", "devices.cuts=[]"])
+    assert result.exit_code == 2
+    assert "device 1 (laptop1)" in result.output and "cannot hold one layer" in result.output
+    result = runner.invoke(app, ["run", str(config), "--plan", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "plan file not found" in result.output

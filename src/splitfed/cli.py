@@ -39,6 +39,7 @@ def run(
     set_: SetOption = [],
     resume: ResumeOption = False,
     quiet: QuietOption = False,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan JSON from `splitfed plan` to apply.")] = None,
 ) -> None:
     """Run one experiment and fill its run directory."""
     from splitfed.config import ConfigError, load_config
@@ -46,7 +47,7 @@ def run(
     from splitfed.run import run as run_experiment
 
     with user_errors():
-        cfg = load_config(config, set_)
+        cfg = load_config(config, [*_plan_overrides(plan), *set_])
         out_dir = out or Path("runs") / config.stem
         if cfg.runtime.kind == "grpc":
             raise ConfigError("runtime.kind = 'grpc': start the server with `splitfed serve` "
@@ -55,6 +56,78 @@ def run(
             from splitfed.runtime.ray import run_on_ray as run_experiment
         summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume)
     print_summary(summary, out_dir, Console())
+
+
+def _plan_overrides(path: Path | None) -> list[str]:
+    """A plan file's decisions as config overrides (explicit --set values still win)."""
+    from splitfed.config import ConfigError
+    from splitfed.planning.plan import Plan
+
+    if path is None:
+        return []
+    try:
+        return Plan.load(path).overrides()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="TOML config (see examples/).")],
+    planner: Annotated[str, typer.Option("--planner", help="sft, fedsllm, equal, cut_only or bandwidth_only.")] = "sft",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the plan JSON.")] = None,
+    set_: SetOption = [],
+    max_error: Annotated[float, typer.Option("--max-error", help="sft: limit on the mean expected relative "
+                                             "error of the activation codecs.")] = 0.3,
+    subchannel_power: Annotated[Optional[float], typer.Option(
+        "--max-subchannel-power-w", help="fedsllm: power limit per subchannel, watts (default: none).")] = None,
+) -> None:
+    """Choose cuts, ranks, subchannels, power and compression; print the plan and write it as JSON."""
+    from splitfed.config import ConfigError, load_config
+    from splitfed.models.loading import load_model_config
+    from splitfed.planning.problem import PlanError, PlanOptions
+    from splitfed.planning.registry import make_plan
+
+    with user_errors():
+        cfg = load_config(config, set_)
+        try:
+            options = PlanOptions(max_error=max_error, max_subchannel_power_w=subchannel_power)
+            result = make_plan(cfg, load_model_config(cfg.model.source), planner, options)
+        except (PlanError, ValueError) as error:
+            raise ConfigError(str(error)) from None
+        path = out or Path(f"{config.stem}.{planner}.plan.json")
+        result.save(path)
+    wide = Console() if Console().is_terminal else Console(width=200)  # a pipe or file gets whole rows
+    _print_plan(result, wide)
+    wide.print(f"plan written to {path}; run it with `splitfed run {config} --plan {path}`")
+
+
+def _print_plan(result, out: Console) -> None:
+    from rich.table import Table
+
+    mb = 1024**2
+    owners = result.subchannel_owner[0]
+    power = result.power_w[0] if result.power_w else []
+    position = {u: i for i, u in enumerate(result.first_order)}
+    table = Table(title=f"plan: {result.planner} ({result.protocol}, {result.subchannels} subchannels; "
+                        "subchannels and power of round 0)")
+    for column in ("device", "cut", "rank", "subch.", "MHz", "power W", "compression", "server order", "memory MB"):
+        table.add_column(column, justify="left" if column == "compression" else "right")
+    for u, name in enumerate(result.device_names):
+        count = sum(1 for o in owners if o == u)
+        watts = sum(p for o, p in zip(owners, power) if o == u) if power else None
+        table.add_row(
+            f"{u} {name}", str(result.cuts[u]), str(result.ranks[u]), str(count),
+            f"{count * result.subchannel_hz / 1e6:g}", "max, equal split" if watts is None else f"{watts:.3f}",
+            result.activations[u], str(position.get(u, 0) + 1) if result.protocol == "memsfl" else "together",
+            f"{result.device_memory_bytes[u] / mb:.0f}",
+        )
+    out.print(table)
+    out.print(
+        f"predicted: round {result.mean_round_s:.3f} s (sim_s of the configured run {result.sim_s:.3f} s over "
+        f"{len(result.round_s)} rounds); total delay {result.total_delay_s:.1f} s = {result.rounds_needed:.1f} rounds "
+        f"x round; server memory {result.server_memory_bytes / mb:.0f} MB; solved in {result.solve_s:.3f} s"
+    )
 
 
 @app.command()

@@ -169,6 +169,24 @@ class SystemSection(_Section):
     fading: Literal["rayleigh", "none"] = "rayleigh"
     seed: int | None = None
     """Seed of device positions, speeds and fading; None: the run seed."""
+    subchannel_owner: list[list[int]] = []
+    """Per round (rows cycled over rounds): the device each subchannel serves, -1 unused (a planner's
+    assignment; needs ``subchannels``). Empty: subchannels dealt round-robin to the round's devices."""
+    power_w: list[list[float]] = []
+    """Per round (rows cycled): uplink transmit power on each subchannel, watts (a planner's power
+    control; needs ``subchannel_owner``). Empty: a device splits its maximum power equally over its subchannels."""
+
+    @field_validator("subchannel_owner", "power_w")
+    @classmethod
+    def _rows_valid(cls, value: list[list], info: ValidationInfo) -> list[list]:
+        for index, row in enumerate(value):
+            if not row:
+                raise ValueError(f"system.{info.field_name}: row {index} is empty")
+            low = -1 if info.field_name == "subchannel_owner" else 0
+            bad = [v for v in row if v < low]
+            if bad:
+                raise ValueError(f"system.{info.field_name}: row {index} has {bad}; allowed: values >= {low}")
+        return value
 
     @field_validator("device_classes")
     @classmethod
@@ -251,7 +269,33 @@ class RunConfig(_Section):
                 f"system.subchannels={self.system.subchannels} cannot give each of the "
                 f"{self.participants_per_round} devices of a round a subchannel"
             )
+        self._check_allocation()
         return self
+
+    def _check_allocation(self) -> None:
+        """A planner's subchannel owners and powers: one entry per subchannel, owners among the devices."""
+        system = self.system
+        if not (system.subchannel_owner or system.power_w):
+            return
+        if not system.subchannel_owner:
+            raise ValueError("system.power_w needs system.subchannel_owner (which device each subchannel serves)")
+        if system.subchannels is None:
+            raise ValueError("system.subchannel_owner needs system.subchannels (the number of subchannels)")
+        if self.participants_per_round < self.devices.count:
+            raise ValueError("system.subchannel_owner needs every device in every round (train.devices_per_round = 0)")
+        for field in ("subchannel_owner", "power_w"):
+            for index, row in enumerate(getattr(system, field)):
+                if len(row) != system.subchannels:
+                    raise ValueError(
+                        f"system.{field}: row {index} has {len(row)} entries for system.subchannels={system.subchannels}"
+                    )
+        for index, row in enumerate(system.subchannel_owner):
+            bad = sorted({u for u in row if u >= self.devices.count})
+            if bad:
+                raise ValueError(
+                    f"system.subchannel_owner: row {index} names devices {bad}; allowed: -1 (unused) "
+                    f"or 0..{self.devices.count - 1}"
+                )
 
     @model_validator(mode="after")
     def _runtime_checks(self) -> RunConfig:

@@ -24,9 +24,7 @@ def _clock(protocol: str, cuts: list[int], **server) -> Clock:
 
 def _sent(clock: Clock, devices: list[int]) -> dict[tuple[int, str], int]:
     """Bytes of one step as the link would count them: activations and gradients, no control."""
-    batch, seq = clock.config.train.batch_size, clock.config.train.seq_len
-    payload = batch * seq * clock.costs.hidden * 4
-    return {(u, kind): payload if kind in KINDS[:2] else 0 for u in devices for kind in KINDS}
+    return {(u, kind): clock.step_bytes(u)[kind] if kind in KINDS[:2] else 0 for u in devices for kind in KINDS}
 
 
 def test_sequential_step_is_the_scheduling_makespan():

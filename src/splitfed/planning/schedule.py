@@ -21,8 +21,14 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from splitfed.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from splitfed.system.clock import Clock
 
 
 @dataclass(frozen=True)
@@ -134,3 +140,12 @@ def schedule(name: str, jobs: Sequence[Job], rng: np.random.Generator | None = N
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name](jobs, rng)
+
+
+def serving_order(clock: Clock, participants: list[int], scheduler: str, seed: int, step_index: int) -> list[int]:
+    """The order in which a sequential server (memsfl) serves ``participants`` at a step:
+    ``scheduler`` applied to the clock's predicted timings (random draws seeded per step)."""
+    timings = [clock.timing(u) for u in participants]
+    jobs = [Job(t.head_s, t.server_s, t.tail_s) for t in timings]
+    rng = np.random.default_rng(derive_seed(seed, 4, step_index))
+    return [participants[j] for j in schedule(scheduler, jobs, rng)]

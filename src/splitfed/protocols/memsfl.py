@@ -9,11 +9,8 @@ part + server part) is averaged layer by layer.
 
 from __future__ import annotations
 
-import numpy as np
-
 from splitfed.models.split import Stage
-from splitfed.planning.schedule import Job, schedule
-from splitfed.seeding import derive_seed
+from splitfed.planning.schedule import serving_order
 from splitfed.protocols.split import SplitProtocol
 
 
@@ -27,7 +24,5 @@ class MemorySplitFed(SplitProtocol):
             self.server.add_slot([u], Stage(self.model, spec, self.family), f"server{u}")
 
     def groups(self, participants: list[int]) -> list[list[int]]:
-        timings = [self.clock.timing(u) for u in participants]
-        jobs = [Job(t.head_s, t.server_s, t.tail_s) for t in timings]
-        rng = np.random.default_rng(derive_seed(self.config.seed, 4, self.step_index))
-        return [[participants[j]] for j in schedule(self.config.server.scheduler, jobs, rng)]
+        order = serving_order(self.clock, participants, self.config.server.scheduler, self.config.seed, self.step_index)
+        return [[u] for u in order]

@@ -27,8 +27,9 @@ from transformers import PretrainedConfig
 from splitfed.config import RunConfig
 from splitfed.models.families import num_layers
 from splitfed.system.channel import Channel, equal_assignment, split_power
-from splitfed.system.costs import Flops, activation_bytes, layer_costs, server_memory_bytes, stage_flops, stage_memory
+from splitfed.system.costs import Flops, layer_costs, server_memory_bytes, stage_flops, stage_memory
 from splitfed.system.profiles import DeviceProfile, population, server_profile
+from splitfed.system.traffic import step_bytes
 
 BITS = 8
 
@@ -60,18 +61,48 @@ class Clock:
         """Simulated seconds of the current round so far."""
 
     # --- per round ----------------------------------------------------------------------
-    def begin_round(self, round_index: int, participants: list[int]) -> None:
-        """Draw this round's fading and give the participants equal subchannels and power."""
+    def round_gains(self, round_index: int, participants: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Uplink and downlink channel gains (participants, subchannels) of a round's fading draw."""
         rng = np.random.default_rng([self.seed, 3, round_index])
         distances = [self.devices[u].distance_m for u in participants]
-        assignment = equal_assignment(len(participants), self.channel.subchannels)
-        up_power = split_power(assignment, np.array([self.devices[u].max_power_w for u in participants]))
+        return self.channel.gains(distances, rng), self.channel.gains(distances, rng)
+
+    def allocation(self, round_index: int, participants: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Subchannel owner (index into ``participants``, -1 unused) and uplink power (watts) per
+        subchannel: the configured plan's row for this round, else equal subchannels and power."""
+        system = self.config.system
+        max_power = np.array([self.devices[u].max_power_w for u in participants])
+        if not system.subchannel_owner:
+            assignment = equal_assignment(len(participants), self.channel.subchannels)
+            return assignment, split_power(assignment, max_power)
+        index = {u: i for i, u in enumerate(participants)}
+        owners = system.subchannel_owner[round_index % len(system.subchannel_owner)]
+        assignment = np.array([index.get(u, -1) for u in owners], dtype=int)
+        if not system.power_w:
+            return assignment, split_power(assignment, max_power)
+        power = np.array(system.power_w[round_index % len(system.power_w)], dtype=float)
+        power[assignment < 0] = 0.0
+        totals = np.bincount(assignment[assignment >= 0], weights=power[assignment >= 0], minlength=len(participants))
+        for i, u in enumerate(participants):
+            if totals[i] > max_power[i] * (1 + 1e-9):
+                raise ValueError(
+                    f"system.power_w: device {u} ({self.devices[u].name}) transmits {totals[i]:.4g} W in round "
+                    f"{round_index}, above its maximum {max_power[i]:.4g} W"
+                )
+        return assignment, power
+
+    def begin_round(self, round_index: int, participants: list[int]) -> None:
+        """Draw this round's fading and give the participants their subchannels and power."""
+        up_gains, down_gains = self.round_gains(round_index, participants)
+        assignment, up_power = self.allocation(round_index, participants)
         down_power = np.full(self.channel.subchannels, self.server.power_w / self.channel.subchannels)
-        up = self.channel.rates(self.channel.gains(distances, rng), assignment, up_power)
-        down = self.channel.rates(self.channel.gains(distances, rng), assignment, down_power)
+        up = self.channel.rates(up_gains, assignment, up_power)
+        down = self.channel.rates(down_gains, assignment, down_power)
         for i, u in enumerate(participants):
             if up[i] <= 0 or down[i] <= 0:
-                raise ValueError(f"device {u} ({self.devices[u].name}) gets no rate: check its power and distance")
+                raise ValueError(
+                    f"device {u} ({self.devices[u].name}) gets no rate: check its power, distance and subchannels"
+                )
             self.up_bps[u], self.down_bps[u] = float(up[i]), float(down[i])
         self.round_s = 0.0
 
@@ -113,15 +144,24 @@ class Clock:
         )
         return flops / self.server.flops
 
+    def step_bytes(self, device: int) -> dict[str, int]:
+        """Predicted encoded bytes of each message kind of one split step of ``device``."""
+        compression = self.config.compression
+        return step_bytes(
+            self.costs, device, *self._batch(),
+            compression.pipeline_spec("activations", device), compression.pipeline_spec("gradients", device),
+            exact=True,
+        )
+
     def timing(self, device: int) -> Timing:
         """Predicted split-step timing of a device from the cost model (for the schedulers)."""
         flops = self.device_flops(device)
-        payload = activation_bytes(self.costs, *self._batch())
+        sizes = self.step_bytes(device)
         speed = self.devices[device].flops
         return Timing(
-            head_s=flops.forward / speed + self.up_s(device, payload),
+            head_s=flops.forward / speed + self.up_s(device, sizes["activations"]),
             server_s=self.server_s([device]),
-            tail_s=self.down_s(device, payload) + flops.backward / speed,
+            tail_s=self.down_s(device, sizes["activation_grad"]) + flops.backward / speed,
         )
 
     # --- steps --------------------------------------------------------------------------

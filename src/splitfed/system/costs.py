@@ -74,6 +74,8 @@ class Linear:
     out_features: int
     lora: bool
     """True if LoRA targets this module."""
+    path: str = ""
+    """Path of the module inside a decoder layer, e.g. ``self_attn.q_proj``."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class LayerCosts:
     """Width of the key (and of the value) projection: kv heads x head_dim."""
     linears: tuple[Linear, ...]
     """The linear modules of one decoder layer."""
+    layers_path: str = ""
+    """Path of the decoder layer list in the model, e.g. ``model.layers`` (names the adapter tensors)."""
 
     @property
     def lora_modules(self) -> int:
@@ -116,8 +120,19 @@ def _shape(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
+_CACHE: dict[tuple[str, tuple[str, ...]], LayerCosts] = {}
+
+
 def layer_costs(config: PretrainedConfig, targets: list[str]) -> LayerCosts:
-    """Read the architecture numbers from a model config (the model is built on the meta device)."""
+    """Read the architecture numbers from a model config (the model is built on the meta device;
+    cached per config and targets, since planners and clocks ask for them often)."""
+    key = (config.to_json_string(use_diff=False), tuple(targets))
+    if key not in _CACHE:
+        _CACHE[key] = _layer_costs(config, targets)
+    return _CACHE[key]
+
+
+def _layer_costs(config: PretrainedConfig, targets: list[str]) -> LayerCosts:
     family = family_for(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -131,7 +146,7 @@ def layer_costs(config: PretrainedConfig, targets: list[str]) -> LayerCosts:
     for name, module in layer.named_modules():
         shape = _shape(module)
         if shape is not None and name in roles:
-            linears.append(Linear(roles[name], *shape, lora=name.rsplit(".", 1)[-1] in targets))
+            linears.append(Linear(roles[name], *shape, lora=name.rsplit(".", 1)[-1] in targets, path=name))
     hidden = int(config.hidden_size)
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
@@ -151,6 +166,7 @@ def layer_costs(config: PretrainedConfig, targets: list[str]) -> LayerCosts:
         head_dim=head_dim,
         kv_dim=kv_heads * head_dim,
         linears=tuple(linears),
+        layers_path=family.layers_path,
     )
 
 

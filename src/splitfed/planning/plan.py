@@ -1,0 +1,101 @@
+"""A plan: a planner's decisions as config overrides, with the delay and memory it predicts.
+
+``Plan.overrides()`` turns the decisions into ``--set``-style overrides (devices.cuts,
+devices.ranks, compression.*_per_device, system.subchannel_owner / power_w,
+server.scheduler, protocol), so ``splitfed run CONFIG --plan plan.json`` needs nothing
+beyond the config machinery. JSON round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from splitfed.config import RunConfig, parse_config
+
+
+@dataclass
+class Plan:
+    planner: str
+    protocol: str
+    cuts: list[int]
+    ranks: list[int]
+    activations: list[str]
+    """Codec pipeline of each device's activations."""
+    gradients: list[str]
+    """Codec pipeline of the gradients sent to each device."""
+    subchannels: int
+    subchannel_owner: list[list[int]]
+    """Per round of the configured run: the device each subchannel serves (-1 unused)."""
+    power_w: list[list[float]]
+    """Per round: uplink watts per subchannel; empty: devices split their maximum power equally."""
+    scheduler: str
+    """Server order for memsfl (splitfed.planning.schedule)."""
+    subchannel_hz: float = 1e6
+    round_s: list[float] = field(default_factory=list)
+    """Predicted simulated seconds of each round of the configured run (what ``sim_s`` records)."""
+    rounds_needed: float = 0.0
+    """Rounds to the convergence model's target at the plan's rank (planning.convergence)."""
+    device_memory_bytes: list[int] = field(default_factory=list)
+    server_memory_bytes: int = 0
+    first_order: list[int] = field(default_factory=list)
+    """Order in which the server serves the devices in the first step."""
+    device_names: list[str] = field(default_factory=list)
+    solve_s: float = 0.0
+
+    @property
+    def sim_s(self) -> float:
+        """Predicted ``sim_s`` of the configured run (sum over its rounds)."""
+        return sum(self.round_s)
+
+    @property
+    def mean_round_s(self) -> float:
+        return self.sim_s / max(len(self.round_s), 1)
+
+    @property
+    def total_delay_s(self) -> float:
+        """Predicted training delay: rounds needed x mean round delay."""
+        return self.rounds_needed * self.mean_round_s
+
+    def overrides(self) -> list[str]:
+        """The plan as ``key=value`` config overrides (TOML values)."""
+        values = {
+            "protocol": self.protocol,
+            "devices.cuts": self.cuts,
+            "devices.ranks": self.ranks,
+            "compression.activations_per_device": self.activations,
+            "compression.gradients_per_device": self.gradients,
+            "system.subchannels": self.subchannels,
+            "system.subchannel_owner": self.subchannel_owner,
+            "system.power_w": self.power_w,
+            "server.scheduler": self.scheduler,
+        }
+        return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        """``config`` with the plan's decisions."""
+        return parse_config(config.model_dump(), self.overrides())
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "predicted": {
+            "sim_s": self.sim_s, "mean_round_s": self.mean_round_s, "total_delay_s": self.total_delay_s}}, indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        tree = json.loads(text)
+        tree.pop("predicted", None)
+        return cls(**tree)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file not found: {path}")
+        try:
+            return cls.from_json(path.read_text())
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: not a plan written by `splitfed plan`: {error}") from None

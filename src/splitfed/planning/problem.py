@@ -1,0 +1,242 @@
+"""A planning instance: the devices, server, channel draws and cost model of a run config, and a
+fast vectorised estimate of a round's delay for candidate decisions.
+
+The planners search with ``Problem.round_delay`` (numpy over devices, the clock's order of
+events for one round); the numbers a plan reports come from ``planning.predict``, which replays
+the run through the simulated clock itself, so plans and runs agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+from transformers import PretrainedConfig
+
+from splitfed.config import SPLIT_PROTOCOLS, RunConfig
+from splitfed.models.families import num_layers
+from splitfed.planning.schedule import Job, makespan, schedule
+from splitfed.system.clock import Clock
+from splitfed.system.costs import device_memory_bytes, layer_costs, stage_flops
+from splitfed.system.traffic import adapter_message_bytes, step_bytes
+
+MB = 1024**2
+BITS = 8
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Knobs of the planners (defaults are what ``splitfed plan`` uses)."""
+
+    max_error: float = 0.3
+    """sft: limit on the mean over devices of the codecs' expected relative error (accuracy)."""
+    ranks: tuple[int, ...] = (2, 4, 8, 16)
+    """fedsllm: LoRA ranks to search."""
+    max_subchannel_power_w: float | None = None
+    """fedsllm: per-subchannel power limit (None: only each device's total)."""
+
+
+class PlanError(ValueError):
+    """An instance no plan can serve (e.g. a device that cannot hold one layer); names the device."""
+
+
+@dataclass
+class Decision:
+    """What a planner decides, per device and per round (the rounds of the configured run)."""
+
+    protocol: str
+    cuts: np.ndarray
+    """(devices,) layers on each device."""
+    ranks: np.ndarray
+    """(devices,) LoRA rank of each device."""
+    specs: list[str]
+    """Codec pipeline of each device's activations and of the gradients sent back to it."""
+    owners: list[np.ndarray] | None = None
+    """Per round (subchannels,): the device each subchannel serves, -1 unused; None: round-robin."""
+    power: list[np.ndarray] | None = None
+    """Per round (subchannels,): uplink watts on each subchannel; None: each device splits its maximum."""
+
+
+@dataclass(frozen=True)
+class Loads:
+    """Per-device seconds and bytes of one round for given cuts, ranks and codecs (arrays over devices)."""
+
+    forward_s: np.ndarray
+    backward_s: np.ndarray
+    server_s: np.ndarray
+    up_step: np.ndarray
+    """Bytes up per step before the server computes (activations)."""
+    down_step: np.ndarray
+    """Bytes down per step (activation gradient)."""
+    norm: np.ndarray
+    clip: np.ndarray
+    download: np.ndarray
+    """Adapter bytes downloaded at round start."""
+    upload: np.ndarray
+
+
+class Problem:
+    """Everything a planner needs about a config, computed once."""
+
+    def __init__(self, config: RunConfig, model_config: PretrainedConfig) -> None:
+        if config.protocol not in SPLIT_PROTOCOLS:
+            raise PlanError(f"protocol {config.protocol!r}: planners choose cuts for split protocols; allowed: "
+                            f"{', '.join(SPLIT_PROTOCOLS)}")
+        if config.participants_per_round < config.devices.count:
+            raise PlanError("train.devices_per_round: planners need every device in every round (set it to 0)")
+        self.config = config
+        self.costs = layer_costs(model_config, config.lora.targets)
+        self.total_layers = num_layers(model_config)
+        self.n = config.devices.count
+        self.clock = Clock(config, model_config, [1] * self.n)
+        self.devices = self.clock.devices
+        self.server = self.clock.server
+        self.channel = self.clock.channel
+        self.batch, self.seq = config.train.batch_size, config.train.seq_len
+        self.steps = config.train.local_steps
+        self.rounds = config.train.rounds
+        self.ranks = np.array([config.device_rank(u) for u in range(self.n)])
+        self.adapter_spec = config.compression.adapters
+        self.everyone = list(range(self.n))
+        self.gains = [self.clock.round_gains(r, self.everyone) for r in range(self.rounds)]
+        self.budget = np.array([self._budget(u) for u in range(self.n)])
+        self._memory: dict[tuple[int, int], int] = {}
+        self._cache: dict[tuple, tuple[float, float]] = {}
+        self._check_feasible()
+
+    # --- limits ---------------------------------------------------------------------------
+    def _budget(self, u: int) -> float:
+        budget = self.devices[u].memory_bytes
+        given = self.config.device_memory_mb(u)
+        return min(budget, given * MB) if given is not None else budget
+
+    def memory(self, cut: int, rank: int) -> int:
+        key = (cut, rank)
+        if key not in self._memory:
+            self._memory[key] = device_memory_bytes(self.costs, cut, rank, self.batch, self.seq)
+        return self._memory[key]
+
+    def max_cut(self, rank: int) -> np.ndarray:
+        """(devices,) deepest cut each device can hold at ``rank`` (0: none), at most total - 1."""
+        need = np.array([self.memory(c, rank) for c in range(1, self.total_layers)])
+        return np.array([int(np.sum(need <= b)) for b in self.budget])  # memory grows with the cut
+
+    def _check_feasible(self) -> None:
+        """Every device must hold one layer at its configured rank and have power to transmit."""
+        for u, device in enumerate(self.devices):
+            rank = int(self.ranks[u])
+            need = self.memory(1, rank)
+            if self.budget[u] < need:
+                raise PlanError(
+                    f"device {u} ({device.name}) has {self.budget[u] / MB:.0f} MB, which cannot hold one layer "
+                    f"(needs {need / MB:.0f} MB at batch {self.batch} x {self.seq}, rank {rank})"
+                )
+            if device.max_power_w <= 0:
+                raise PlanError(
+                    f"device {u} ({device.name}) has maximum transmit power {device.max_power_w} W: no rate"
+                )
+
+    # --- costs ----------------------------------------------------------------------------
+    def _flops(self, layers: int, rank: int, first: bool) -> tuple[float, float]:
+        key = ("flops", layers, rank, first)
+        if key not in self._cache:
+            f = stage_flops(self.costs, layers, self.batch, self.seq, rank, first=first, last=not first)
+            self._cache[key] = (f.forward, f.backward)
+        return self._cache[key]
+
+    def _adapter(self, cut: int, rank: int, upload: bool) -> float:
+        """Adapter message bytes, linear in the cut from exact sizes at 1 and 2 layers (within a
+        few bytes of the exact size, which ``planning.predict`` uses)."""
+        key = ("adapter", rank, upload)
+        if key not in self._cache:
+            one, two = (adapter_message_bytes(self.costs, range(k), rank, self.adapter_spec, upload) for k in (1, 2))
+            self._cache[key] = (one, two - one)
+        base, per_layer = self._cache[key]
+        return base + (cut - 1) * per_layer
+
+    def loads(self, protocol: str, cuts: np.ndarray, ranks: np.ndarray, specs: list[str]) -> Loads:
+        speed = np.array([d.flops for d in self.devices])
+        slot_rank = int(ranks.max())
+        device = [self._flops(int(c), int(r), True) for c, r in zip(cuts, ranks)]
+        server = [sum(self._flops(self.total_layers - int(c), slot_rank if protocol == "sfl" else int(r), False))
+                  for c, r in zip(cuts, ranks)]
+        sizes = [step_bytes(self.costs, u, self.batch, self.seq, s, s) for u, s in enumerate(specs)]
+        return Loads(
+            forward_s=np.array([f for f, _ in device]) / speed,
+            backward_s=np.array([b for _, b in device]) / speed,
+            server_s=np.array(server) / self.server.flops,
+            up_step=np.array([s["activations"] for s in sizes], dtype=float),
+            down_step=np.array([s["activation_grad"] for s in sizes], dtype=float),
+            norm=np.array([s["grad_norm"] for s in sizes], dtype=float),
+            clip=np.array([s["clip_scale"] for s in sizes], dtype=float),
+            download=np.array([self._adapter(int(c), slot_rank, False) for c in cuts]),
+            upload=np.array([self._adapter(int(c), int(r), True) for c, r in zip(cuts, ranks)]),
+        )
+
+    # --- channel --------------------------------------------------------------------------
+    def equal_owners(self) -> np.ndarray:
+        return np.arange(self.channel.subchannels) % self.n
+
+    def equal_power(self, owners: np.ndarray) -> np.ndarray:
+        counts = np.bincount(owners[owners >= 0], minlength=self.n)
+        power = np.zeros(len(owners))
+        used = owners >= 0
+        power[used] = np.array([d.max_power_w for d in self.devices])[owners[used]] / counts[owners[used]]
+        return power
+
+    def rates(self, round_index: int, owners: np.ndarray, power: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(up, down) bit/s of every device in a round for an allocation (as the clock computes them)."""
+        up_gains, down_gains = self.gains[round_index]
+        up_power = self.equal_power(owners) if power is None else power
+        down_power = np.full(self.channel.subchannels, self.server.power_w / self.channel.subchannels)
+        return self.channel.rates(up_gains, owners, up_power), self.channel.rates(down_gains, owners, down_power)
+
+    # --- delay ----------------------------------------------------------------------------
+    def round_delay(self, protocol: str, loads: Loads, up: np.ndarray, down: np.ndarray) -> float:
+        """Seconds of one round: adapter download, local steps, adapter upload (the clock's order)."""
+        if np.any(up <= 0) or np.any(down <= 0):
+            return float("inf")
+        head = loads.forward_s + loads.up_step * BITS / up
+        tail = loads.down_step * BITS / down + loads.backward_s + loads.norm * BITS / up
+        clip = loads.clip * BITS / down
+        if protocol == "memsfl":
+            jobs = [Job(h, p, t + c) for h, p, t, c in zip(head, loads.server_s, tail, clip)]
+            step = makespan(jobs, schedule(self.scheduler(), jobs))
+        elif protocol == "sfl" and self.config.server.mode == "sequential":
+            free = step = 0.0
+            for u in range(self.n):  # one shared slot: the next device waits for the step
+                free = max(free, head[u]) + loads.server_s[u] + tail[u]
+                step = max(step, free + clip[u])
+        else:  # the server takes all devices' batches together
+            step = head.max() + loads.server_s.sum() + tail.max() + clip.max()
+        return float((loads.download * BITS / down).max() + self.steps * step + (loads.upload * BITS / up).max())
+
+    def scheduler(self) -> str:
+        """Serving order a plan sets for memsfl: exact for small rounds, Schrage beyond."""
+        return "exact" if self.n <= 10 else "schrage"
+
+    def mean_delay(self, decision: Decision) -> float:
+        """Mean over the configured rounds of ``round_delay`` for a decision."""
+        loads = self.loads(decision.protocol, decision.cuts, decision.ranks, decision.specs)
+        total = 0.0
+        for r in range(self.rounds):
+            owners = self.equal_owners() if decision.owners is None else decision.owners[r]
+            power = None if decision.power is None else decision.power[r]
+            total += self.round_delay(decision.protocol, loads, *self.rates(r, owners, power))
+        return total / self.rounds
+
+    def equal_decision(self) -> Decision:
+        """The configured cuts and ranks, round-robin subchannels, equal power, no compression."""
+        return Decision(self.config.protocol, self.base_cuts(), self.ranks.copy(), ["none"] * self.n)
+
+    def base_cuts(self) -> np.ndarray:
+        """The configured cuts (devices.cuts, or the deepest that fits devices.memory_mb; with sfl,
+        whose devices share one cut, the deepest that fits them all)."""
+        cuts = []
+        for u in range(self.n):
+            cut = self.config.device_cut(u)
+            if cut is None:
+                cut = int(self.max_cut(int(self.ranks[u]))[u])
+            cuts.append(min(cut, self.total_layers - 1))
+        if self.config.protocol == "sfl":
+            cuts = [min(cuts)] * self.n
+        return np.array(cuts)
