@@ -30,6 +30,10 @@ def _activations(seed: int = 0, shape: tuple[int, ...] = (4, 16, 64)) -> torch.T
     return torch.randn(shape, generator=_rng(seed))
 
 
+# Quarter-integers with a per-channel offset: every step of ``center`` is exact on them.
+_DYADIC = torch.randint(-40, 40, (3, 10, 24), generator=_rng(3)).float() / 4 + torch.arange(24.0)
+
+
 def _round_trip(spec: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     pipeline = parse_pipeline(spec)
     return pipeline.decode(pipeline.encode(x, _rng(seed)))
@@ -45,6 +49,10 @@ def _round_trip(spec: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
         ("bf16 > zstd", _activations().bfloat16().float()),
         ("topk:1.0 > zstd", _activations()),  # keeps everything: lossless
         ("fp16", torch.tensor(1.5)),  # 0-d tensor
+        ("center", _DYADIC),  # exact when x - center is (dyadic values)
+        ("center > zstd", _DYADIC),
+        ("center > topk:1.0 > zstd", _DYADIC[0]),
+        ("center", torch.zeros(0, 5)),  # no tokens
     ],
 )
 def test_lossless_pipelines_round_trip_exactly(spec, x):
@@ -82,6 +90,50 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes(spec, shape, kept_per_row):
         assert (kept_rows.sum(1) == kept_per_row).all()
         for row, mask in zip(rows, kept_rows):
             assert row[mask].min() >= row[~mask].max()
+
+
+def _hidden_states(seed: int = 0) -> torch.Tensor:
+    """Like an LLM's hidden states: a per-channel offset, one "attention sink" token per
+    sequence with a huge channel, and a row of zeros. (4, 16, 64)."""
+    x = _activations(seed) + 3 * torch.randn(64, generator=_rng(seed + 1))
+    x[:, 0, 7] = 900.0
+    x[1, 5] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("spec", ["ecq:2", "ecq:0.5", "ecq:3:row", "center > ecq:1.5", "center > ecq:2:row"])
+def test_ecq_rounds_to_nearest_and_sends_outliers_and_zeros_exactly(spec):
+    x = _hidden_states()
+    pipeline = parse_pipeline(spec)
+    encoded = pipeline.encode(x, _rng())
+    decoded = pipeline.decode(encoded)
+    assert torch.equal(decoded, _round_trip(f"{spec} > zstd", x, seed=1))  # deterministic; zstd changes nothing
+    assert torch.equal(decoded[:, 0, 7], x[:, 0, 7])  # the sink's huge channel is an exact escape
+    steps = encoded.parts["scales"].float()
+    step = steps.repeat_interleave(x.numel() // steps.numel()).view_as(x)
+    assert ((decoded - x).abs() <= step * 1.01 + 1e-4).all()  # inside its rounding bin: within a step
+    if not spec.startswith("center"):
+        assert torch.equal(decoded[1, 5], torch.zeros(64))  # zeros stay zero
+    assert float((decoded - x).norm() / x.norm()) < 0.1
+
+
+def test_center_removes_the_per_channel_offset_before_quantizing():
+    x = _hidden_states()
+    plain, centered = _round_trip("ecq:2", x), _round_trip("center > ecq:2", x)
+    not_sink = torch.ones_like(x, dtype=torch.bool)
+    not_sink[:, 0] = False
+    assert (centered - x)[not_sink].norm() < 0.6 * (plain - x)[not_sink].norm()
+
+
+def test_codecs_run_on_one_torch_thread_and_restore_the_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pipeline = parse_pipeline("center > ecq:2 > zstd")
+        pipeline.decode(pipeline.encode(_activations(), _rng()))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("spec", ["topk:0.05", "topk_token:0.1 > quant:2", "topk:0.2 > quant:4 > zstd", "quant:3"])
@@ -131,6 +183,17 @@ _X = _activations()
         ("zstd", lambda e: _corrupt(e, PAYLOAD, e.parts[PAYLOAD][:-5]), "zstd"),
         ("zstd", lambda e: _corrupt(e, PAYLOAD, e.parts[PAYLOAD][:4]), "zstd"),
         ("zstd", lambda e: _corrupt(e, PAYLOAD, torch.zeros(50, dtype=torch.uint8)), "not a zstd frame"),
+        ("ecq:2", lambda e: _corrupt(e, PAYLOAD, e.parts[PAYLOAD][:-1]), "part 'values' has shape"),
+        ("ecq:2", lambda e: _corrupt(e, "outliers", torch.zeros(3)), "part 'outliers' has shape"),
+        ("ecq:2", lambda e: _corrupt(e, "levels", e.parts["levels"] + 0.75), "within half a step"),
+        ("ecq:2", lambda e: _corrupt(e, "levels", e.parts["levels"][:-1]), "part 'levels' has shape"),
+        ("ecq:2", lambda e: _corrupt(e, "scales", torch.zeros_like(e.parts["scales"])), "finite and positive"),
+        ("ecq:2", lambda e: _corrupt(e, "scales"), r"do not match the expected"),
+        ("ecq:2:row", lambda e: Encoded(e.parts, {**e.meta, "stages": [{"numel": 4096, "rows": 3}]}), "rows cannot hold"),
+        ("ecq:2:row", lambda e: _corrupt(e, "scales", e.parts["scales"][:-1]), "part 'scales' has shape"),
+        ("center > ecq:2", lambda e: _corrupt(e, "center", e.parts["center"][:-1]), "part 'center' has shape"),
+        ("center > ecq:2", lambda e: _corrupt(e, "center", torch.full_like(e.parts["center"], float("inf"))), "finite"),
+        ("center > ecq:2 > zstd", lambda e: _corrupt(e, PAYLOAD, e.parts[PAYLOAD][:-2]), "zstd"),
         ("quant:4 > zstd", lambda e: Encoded(e.parts, {**e.meta, "zstd": {}}), "zstd metadata"),
         ("quant:4 > zstd", lambda e: Encoded(e.parts, {**e.meta, "zstd": {k: {**v, "dtype": ["x"]} for k, v in e.meta["zstd"].items()}}),
          "metadata dtype"),
@@ -159,6 +222,11 @@ def test_corrupt_or_truncated_encodings_raise_clear_errors(spec, mutate, expecte
         ("quant:4 > fp16", r"'fp16' cannot follow 'quant:4'"),
         ("topk:0.1 > topk_token:0.1", r"cannot follow"),
         ("topk:0.1 >", r"unknown codec ''"),
+        ("ecq:0", r"STEP 0.0 is outside \(0, 64\]"),
+        ("ecq:2:col", r"the second argument of ecq can only be 'row'"),
+        ("ecq:2 > quant:4", r"'quant:4' cannot follow 'ecq:2'"),
+        ("topk:0.1 > center", r"'center' cannot follow 'topk:0.1'"),
+        ("center:1", r"center takes 0..0 arguments"),
     ],
 )
 def test_bad_specs_name_the_problem_and_list_what_is_allowed(spec, expected):
@@ -189,10 +257,14 @@ def _measured_bytes(spec: str, x: torch.Tensor) -> int:
     [
         # exact part sizes: only the header is estimated
         ("none", 0.01), ("fp16", 0.01), ("topk:0.1", 0.01), ("topk_token:0.05", 0.01), ("quant:4", 0.01),
-        ("topk:0.1 > quant:8", 0.01), ("quant:3:32", 0.01),
+        ("topk:0.1 > quant:8", 0.01), ("quant:3:32", 0.01), ("ecq:2", 0.01), ("ecq:0.25:row", 0.01),
+        ("center > ecq:2", 0.01), ("center", 0.01),
         # zstd: estimated (an upper bound on the payload, a measured factor on the mask)
         ("topk:0.05 > quant:4 > zstd", 0.15), ("topk_token:0.02 > quant:2 > zstd", 0.15), ("zstd", 0.15),
         ("quant:8 > zstd", 0.15), ("topk:0.01 > zstd", 0.15),
+        # ecq under zstd: measured bits per element of Gaussian symbols by step
+        ("ecq:2 > zstd", 0.15), ("ecq:1:row > zstd", 0.15), ("center > ecq:3 > zstd", 0.15), ("ecq:6 > zstd", 0.15),
+        ("topk:0.1 > ecq:1 > zstd", 0.15),
     ],
 )
 def test_bytes_per_element_matches_measured_size(spec, tolerance):
@@ -202,7 +274,8 @@ def test_bytes_per_element_matches_measured_size(spec, tolerance):
     assert estimated == pytest.approx(measured, rel=tolerance)
 
 
-@pytest.mark.parametrize("spec", ["fp16", "bf16", "topk:0.1", "quant:4", "quant:2:16", "topk:0.05 > quant:4 > zstd"])
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "topk:0.1", "quant:4", "quant:2:16", "topk:0.05 > quant:4 > zstd",
+                                  "ecq:0.5", "ecq:2 > zstd", "center > ecq:3:row", "topk:0.1 > ecq:1"])
 def test_expected_relative_error_matches_gaussian_inputs(spec):
     x = _activations(shape=(4, 64, 576))
     measured = float((_round_trip(spec, x) - x).norm() / x.norm())
