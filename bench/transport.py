@@ -54,7 +54,7 @@ def grpc_vs_inproc(tmp: Path) -> list[list[object]]:
     tree = {
         "protocol": "memsfl",
         "data": {"partition": "iid", "max_train_chunks_per_device": 16, "eval_chunks": 8},
-        "train": {"rounds": 3, "local_steps": 3, "batch_size": 4, "seq_len": 128},
+        "train": {"rounds": 4, "local_steps": 3, "batch_size": 4, "seq_len": 128},
         "devices": {"count": 4, "cuts": [2, 4, 6]},
         "runtime": {"address": f"127.0.0.1:{free_port()}", "tokens": [f"t{i}" for i in range(4)]},
     }
@@ -147,7 +147,8 @@ def main() -> None:
         ray_rows = ray_overhead(tmp, args.ray_devices)
     body = (
         "**Step time**, memsfl on SmolLM2-135M, 4 devices at cuts 2/4/6, batch 4 x 128 tokens; median over the "
-        "steps of rounds 2-3 (round 1 warms up). Goal: gRPC <= 1.10x in-process.\n\n"
+        "steps of rounds 2-4 (round 1 warms up; freshly started device processes slow the first steps "
+        "down). Goal: gRPC <= 1.10x in-process.\n\n"
         + markdown_table(["runtime", "step time (s)", "ratio"], step_rows)
         + "\n\n**gRPC transfer throughput** on loopback (encode + 1 MiB frames + reassemble + decode), median of 5.\n\n"
         + markdown_table(["direction", "message (MB)", "MB/s"], throughput_rows)
