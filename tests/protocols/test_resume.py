@@ -38,3 +38,25 @@ def test_resume_matches_uninterrupted_run(tiny_llama_dir, corpus_dir, tmp_path, 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_llama_dir, corpus_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         run(tiny_run_config(tiny_llama_dir, corpus_dir, "sfl"), tmp_path / "empty", progress=False, resume=True)
+
+
+@pytest.mark.parametrize("interruption", ["next forward", "state import"])
+def test_an_unfinished_step_leaves_no_gradient_behind(tiny_llama_dir, corpus_dir, interruption):
+    """A device whose step was cut off after backward (server killed, device dropped) must not
+    add those gradients to its next step: the next step starts clean."""
+    from splitfed.run import build_protocol, plan_run
+    from splitfed.wire.messages import Message
+
+    config = tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", devices={"count": 1, "cuts": [2]})
+    protocol, _ = build_protocol(plan_run(config), log=lambda record: None)
+    device = protocol.devices[0]
+    saved = device.export_state()
+    sent = device.forward(0, 0)
+    grad = torch.ones_like(sent.tensors["hidden"])
+    device.backward(Message("activation_grad", "server", 0, 0, {"grad": grad}, {"loss": 1.0, "tokens": 1}))
+    assert any(p.grad is not None for p in device.params)  # the optimizer step never comes
+    if interruption == "next forward":
+        device.forward(0, 1)
+    else:
+        device.import_state(*saved)
+    assert all(p.grad is None for p in device.params)

@@ -72,6 +72,7 @@ class Device:
     # --- split training -------------------------------------------------------------
     def forward(self, round_index: int, step: int) -> Message:
         """Run the device stage on the next batch; the activations go to the server."""
+        self._discard_pending()
         activate(self._lora_layers, [self.adapter])
         batch = self.stream.next_batch()
         positions = position_ids_for(batch.attention_mask)
@@ -132,8 +133,15 @@ class Device:
         return tensors, meta
 
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._discard_pending()
         import_trainable(self.stage.model, self.adapter, self.optimizer, tensors, meta)
         self.stream.load_state_dict(unflatten(meta["stream"], tensors))
+
+    def _discard_pending(self) -> None:
+        """Drop what a step left behind if it never finished: gradients of a backward whose
+        optimizer step never came (the server died or dropped us) and a forward's graph."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._hidden = None
 
     # --- accounting ---------------------------------------------------------------------
     def held_bytes(self) -> int:
