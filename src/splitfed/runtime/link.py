@@ -24,8 +24,8 @@ class ByteCounts:
 
     ``total_up`` / ``total_down`` only grow; per-device counts are taken (and reset) by
     whoever writes a per-step record; bytes per (device, message kind) by the simulated
-    clock (``take_sent``). Control traffic (requests, acknowledgements) recorded without a
-    kind counts in the totals only.
+    clock (``take_sent``). Control traffic (``CONTROL_KINDS``: requests, acknowledgements)
+    counts in the totals and per-device counts only.
     """
 
     def __init__(self) -> None:
@@ -39,7 +39,7 @@ class ByteCounts:
         self.total_up, self.total_down = self.total_up + up, self.total_down + down
         self._up[device] += up
         self._down[device] += down
-        if kind is not None:
+        if kind is not None and kind not in CONTROL_KINDS:
             self._sent[(device, kind)] += up + down
 
     def take_counts(self, device: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from typing import Protocol
 from splitfed.config import RunConfig
 from splitfed.models.loading import load_model_config
 from splitfed.models.split import StageSpec
-from splitfed.runtime.link import CONTROL_KINDS, Link, message_codec
+from splitfed.runtime.link import Link, message_codec
 from splitfed.wire.compression import MessageCodec
 from splitfed.wire.messages import Message, MessageError
 from splitfed.wire.validate import Expectation, TensorSpec, validate
@@ -107,8 +107,8 @@ class RemoteDevice:
             raise DeviceDropped(self.id, str(error)) from None
         except MessageError as error:
             self._refuse(message, str(error))
-        self.link.record(self.id, down=sent, kind=None if message.kind in CONTROL_KINDS else message.kind)
-        self.link.record(self.id, up=received, kind=None if expected.kind in CONTROL_KINDS else expected.kind)
+        self.link.record(self.id, down=sent, kind=message.kind)
+        self.link.record(self.id, up=received, kind=expected.kind)
         codec.tally(packed, sent)
         try:
             dense = codec.unpack(self.id, reply) if reply.kind == expected.kind else reply

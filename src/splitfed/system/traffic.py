@@ -20,13 +20,11 @@ import torch
 from splitfed.config import CompressionSection
 from splitfed.system.costs import LayerCosts
 from splitfed.wire.codecs import bytes_per_element
-from splitfed.wire.compression import MessageCodec, routed
+from splitfed.wire.compression import ROUTES, MessageCodec, routed
 from splitfed.wire.messages import Message, encode
 
 # Typical scalar values: as long as real ones when printed (17 significant digits).
 _FLOAT = 0.12345678901234568
-_STREAM = {"activations": "activations", "activation_grad": "gradients",
-           "adapter_upload": "adapters", "adapter_download": "adapters"}
 
 
 def _sample(*shape: int) -> torch.Tensor:
@@ -38,7 +36,7 @@ def _message_bytes(message: Message, spec: str, exact: bool) -> int:
     if spec.strip() in ("", "none"):
         return len(encode(message))
     if exact:
-        codec = MessageCodec(CompressionSection(**{_STREAM[message.kind]: spec}), seed=0)
+        codec = MessageCodec(CompressionSection(**{ROUTES[message.kind][0]: spec}), seed=0)
         direction = "up" if message.kind in ("activations", "adapter_upload") else "down"
         return len(encode(codec.pack(direction, 0, message)))
     names = routed(message)
