@@ -145,3 +145,22 @@ def test_mutual_tls_admits_only_devices_with_a_certificate(tmp_path):
         assert link.session(1) is None
     finally:
         link.stop(grace=0)
+
+
+def test_device_whose_server_vanishes_mid_request_reconnects_instead_of_crashing(tiny_llama_dir, corpus_dir):
+    """The server dies while the device computes its reply: sending it fails, and the device
+    goes back to dialing (serve_device returns False) rather than raising out of the process."""
+    from splitfed.run import build_protocol, plan_run
+    from splitfed.runtime.endpoint import serve_device
+    from splitfed.runtime.grpc.transport import Session
+    from splitfed.runtime.link import message_codec
+    from splitfed.wire.messages import encode
+    from tests.conftest import tiny_run_config
+
+    config = tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", devices={"count": 1, "cuts": [2]})
+    protocol, _ = build_protocol(plan_run(config), log=lambda record: None)
+    session = Session("server", SETTINGS)
+    for frame in split_frames(0, encode(Message("call", "server", 0, 0, values={"op": "report"})), SETTINGS.chunk_size):
+        session.feed(frame)  # a request arrives ...
+    session.close("server killed")  # ... and the stream ends before the reply goes out
+    assert serve_device(protocol.devices[0], session, message_codec(config)) is False

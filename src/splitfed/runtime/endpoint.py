@@ -88,5 +88,10 @@ def serve_device(device: Device, session, codec: MessageCodec) -> bool:
         if is_stop(message):
             return True
         reply = respond(device, message, codec)
-        if reply is not None:
+        if reply is None:
+            continue
+        try:
             session.send(reply)
+        except ConnectionError as error:  # the server went away while we computed the reply
+            log.info("%s: connection ended before the reply was sent: %s", device.name, error)
+            return False
