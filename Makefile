@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.splitfed-installed
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo test test-fast lint setup clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,16 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/splitfed run examples/quickstart.toml --out runs/quickstart
 
-test: $(STAMP)
+# Style and bug checks (ruff) and the package's layering (import-linter, contract in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports --no-logo
+
+test: lint
 	$(PY) -m pytest -q
 
 # Everything but the real-process tests (gRPC, faults, Ray): for quick local iteration.
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 from _report import markdown_table, write_section
 

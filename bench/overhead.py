@@ -22,7 +22,7 @@ from _report import markdown_table, write_section
 from splitfed.config import parse_config
 from splitfed.data.batches import BatchStream
 from splitfed.models.loading import load_model
-from splitfed.seeding import derive_seed
+from splitfed.seeding import Purpose, derive_seed
 from splitfed.run import build_protocol, plan_run
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in protocol.aggregator.global_state.items()})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.train.lr)
-    stream = BatchStream(data.train[0], config.train.batch_size, derive_seed(config.seed, 1, 0))
+    stream = BatchStream(data.train[0], config.train.batch_size, derive_seed(config.seed, Purpose.BATCHES, 0))
 
     def peft_step() -> float:
         started = time.perf_counter()

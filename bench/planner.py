@@ -129,7 +129,7 @@ def main() -> None:
         "(planning/convergence.py) x round delay; solve time excludes that replay. `fedsllm` minimises the total "
         "(it may raise the rank), the others the round delay at the configured rank 8. Published: SFT up to 80.2% "
         "less delay, FedsLLM 47.63% less than an unoptimised setup (on their own systems).\n\n"
-        + table + f"\n\n![predicted total delay per planner](planner.png)\n"
+        + table + "\n\n![predicted total delay per planner](planner.png)\n"
     )
     if not args.skip_runs:
         body += (

@@ -22,7 +22,9 @@ from transformers import LlamaConfig
 
 from _report import markdown_table, write_section
 from splitfed.config import parse_config
-from splitfed.planning.schedule import Job, exact, fifo, makespan, random_order, schrage
+from splitfed.models.families import num_layers
+from splitfed.registry import protocol_class
+from splitfed.system.schedule import Job, exact, fifo, makespan, random_order, schrage
 from splitfed.system.clock import Clock
 from splitfed.system.costs import adapter_bytes
 from splitfed.system.profiles import DEVICE_CLASSES
@@ -45,7 +47,8 @@ def instance(n: int, seed: int) -> tuple[list[Job], float]:
         "devices": {"count": n, "cuts": cuts},
         "system": {"device_classes": [str(c) for c in rng.choice(list(DEVICE_CLASSES), n)], "subchannels": 64},
     })
-    clock = Clock(config, SMOLLM2, cuts)
+    topology = protocol_class(config.protocol).topology(config, cuts, num_layers(SMOLLM2))
+    clock = Clock(config, SMOLLM2, topology)
     clock.begin_round(0, list(range(n)))
     jobs = [Job(t.head_s, t.server_s, t.tail_s) for t in map(clock.timing, range(n))]
     lora = [adapter_bytes(clock.costs, cut, 8) for cut in cuts]

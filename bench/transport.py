@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from _report import markdown_table, write_section
 from splitfed.config import parse_config
 from splitfed.run import run
-from splitfed.runtime.grpc.processes import serve
+from splitfed.deploy import serve
 from splitfed.runtime.grpc.transport import LinkServer, TransportSettings, connect
 from splitfed.wire.messages import Message
 
@@ -115,7 +114,7 @@ def grpc_throughput(megabytes: int = 64, repeats: int = 5) -> list[list[object]]
 
 
 def ray_overhead(tmp: Path, counts: list[int]) -> list[list[object]]:
-    from splitfed.runtime.ray import run_on_ray
+    from splitfed.deploy import run_on_ray
 
     rows = []
     for count in counts:

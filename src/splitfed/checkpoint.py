@@ -1,8 +1,9 @@
 """Round checkpoints: everything needed to resume a run exactly (no pickle).
 
-A checkpoint holds the global adapter, every role's adapter and optimizer state, every
-device's batch-stream position, the error-feedback residuals of compressed streams, the
-RNG state and the round/step counters. Tensors go to
+A checkpoint holds the global adapter, every worker's adapters and optimizer states (per
+slot), every first stage's batch-stream position, the error-feedback residuals of compressed
+streams, the RNG state and the round/step counters. Workers are found in the protocol's
+topology, local or remote alike. Tensors go to
 a safetensors file, everything else to JSON; a round's directory is written under a
 temporary name and renamed, so a crash never leaves a half-written checkpoint behind.
 """
@@ -29,20 +30,11 @@ LINK = "link/"
 log = logging.getLogger("splitfed.checkpoint")
 
 
-def _roles(protocol: Protocol) -> dict[str, object]:
-    """Every role with state to keep: devices (local or remote) and server slots."""
-    roles: dict[str, object] = {f"device{u}": d for u, d in protocol.devices.items()}
-    server = getattr(protocol, "server", None)
-    for slot in server.unique_slots() if server else []:
-        roles[f"slot-{slot.adapter}"] = slot
-    return roles
-
-
 def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_loss: float) -> Path:
     tensors: dict[str, torch.Tensor] = {f"global/{k}": v for k, v in protocol.aggregator.global_state.items()}
     meta: dict[str, object] = {"round": round_index, "step_index": protocol.step_index, "base_loss": base_loss}
     tensors.update({f"{LINK}{k}": v for k, v in protocol.link.export_state().items()})
-    for name, role in _roles(protocol).items():
+    for name, role in protocol.workers.items():
         try:
             role_tensors, role_meta = role.export_state()
         except DeviceDropped as error:  # an unreachable device restarts from the global adapter
@@ -75,7 +67,7 @@ def load_checkpoint(protocol: Protocol, directory: Path) -> tuple[int, float]:
     meta = json.loads((path / META_FILE).read_text())
     protocol.aggregator.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
     protocol.link.import_state({k[len(LINK):]: v for k, v in tensors.items() if k.startswith(LINK)})
-    for name, role in _roles(protocol).items():
+    for name, role in protocol.workers.items():
         if name not in meta:
             continue
         prefix = f"{name}/"

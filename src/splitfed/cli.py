@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import rich.markup
 import typer
 from rich.console import Console
 
@@ -15,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split federa
 console = Console(stderr=True)
 
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")]
-SetOption = Annotated[list[str], typer.Option("--set", help="Override a field: key=value (repeatable).")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key=value (repeatable).")]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
@@ -28,7 +29,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {rich.markup.escape(str(error))}")
         raise typer.Exit(2) from None
 
 
@@ -36,7 +37,7 @@ def user_errors() -> Iterator[None]:
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config (see examples/).")],
     out: OutOption = None,
-    set_: SetOption = [],
+    set_: SetOption = None,
     resume: ResumeOption = False,
     quiet: QuietOption = False,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan JSON from `splitfed plan` to apply.")] = None,
@@ -47,13 +48,13 @@ def run(
     from splitfed.run import run as run_experiment
 
     with user_errors():
-        cfg = load_config(config, [*_plan_overrides(plan), *set_])
+        cfg = load_config(config, [*_plan_overrides(plan), *(set_ or [])])
         out_dir = out or Path("runs") / config.stem
         if cfg.runtime.kind == "grpc":
             raise ConfigError("runtime.kind = 'grpc': start the server with `splitfed serve` "
                               "and each device with `splitfed device --id N`")
         if cfg.runtime.kind == "ray":
-            from splitfed.runtime.ray import run_on_ray as run_experiment
+            from splitfed.deploy import run_on_ray as run_experiment
         summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume)
     print_summary(summary, out_dir, Console())
 
@@ -76,7 +77,7 @@ def plan(
     config: Annotated[Path, typer.Argument(help="TOML config (see examples/).")],
     planner: Annotated[str, typer.Option("--planner", help="sft, fedsllm, equal, cut_only or bandwidth_only.")] = "sft",
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the plan JSON.")] = None,
-    set_: SetOption = [],
+    set_: SetOption = None,
     max_error: Annotated[float, typer.Option("--max-error", help="sft: limit on the mean expected relative "
                                              "error of the activation codecs.")] = 0.3,
     subchannel_power: Annotated[Optional[float], typer.Option(
@@ -89,7 +90,7 @@ def plan(
     from splitfed.planning.registry import make_plan
 
     with user_errors():
-        cfg = load_config(config, set_)
+        cfg = load_config(config, set_ or [])
         try:
             options = PlanOptions(max_error=max_error, max_subchannel_power_w=subchannel_power)
             result = make_plan(cfg, load_model_config(cfg.model.source), planner, options)
@@ -119,7 +120,7 @@ def _print_plan(result, out: Console) -> None:
         table.add_row(
             f"{u} {name}", str(result.cuts[u]), str(result.ranks[u]), str(count),
             f"{count * result.subchannel_hz / 1e6:g}", "max, equal split" if watts is None else f"{watts:.3f}",
-            result.activations[u], str(position.get(u, 0) + 1) if result.protocol == "memsfl" else "together",
+            result.activations[u], str(position[u] + 1) if result.one_at_a_time else "together",
             f"{result.device_memory_bytes[u] / mb:.0f}",
         )
     out.print(table)
@@ -134,18 +135,18 @@ def _print_plan(result, out: Console) -> None:
 def serve(
     config: Annotated[Path, typer.Argument(help="TOML config with [runtime] kind = \"grpc\".")],
     out: OutOption = None,
-    set_: SetOption = [],
+    set_: SetOption = None,
     resume: ResumeOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Start the server (and aggregator); devices join with `splitfed device`."""
     from splitfed.config import load_config
     from splitfed.report import print_summary
-    from splitfed.runtime.grpc.processes import serve as serve_run
+    from splitfed.deploy import serve as serve_run
 
     _log_to_stderr()
     with user_errors():
-        cfg = load_config(config, [*set_, "runtime.kind=\"grpc\""])
+        cfg = load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""])
         out_dir = out or Path("runs") / config.stem
         summary = serve_run(cfg, out_dir, progress=not quiet, resume=resume)
     print_summary(summary, out_dir, Console())
@@ -157,15 +158,15 @@ def device(
     device_id: Annotated[int, typer.Option("--id", help="This device's id (0-based).")],
     address: Annotated[Optional[str], typer.Option(help="Server address (default runtime.address).")] = None,
     token: Annotated[Optional[str], typer.Option(help="This device's token (default runtime.tokens[id]).")] = None,
-    set_: SetOption = [],
+    set_: SetOption = None,
 ) -> None:
     """Start one device process: it loads only its own stage and data, and trains with the server."""
     from splitfed.config import load_config
-    from splitfed.runtime.grpc.processes import run_device
+    from splitfed.deploy import run_device
 
     _log_to_stderr()
     with user_errors():
-        run_device(load_config(config, [*set_, "runtime.kind=\"grpc\""]), device_id, address=address, token=token)
+        run_device(load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""]), device_id, address=address, token=token)
 
 
 def _log_to_stderr() -> None:

@@ -11,13 +11,13 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from splitfed.registry import default_protocol, load_plugins, protocol_class, protocol_names
 from splitfed.system.profiles import DEVICE_CLASSES, SERVERS
 from splitfed.wire.codecs import parse_pipeline
-
-PROTOCOLS = ("sfl", "memsfl", "sflv1", "centralized", "fedlora")
-SPLIT_PROTOCOLS = ("sfl", "memsfl", "sflv1")
 
 
 class ConfigError(ValueError):
@@ -83,11 +83,16 @@ class TrainSection(_Section):
     eval_batch_size: int = Field(8, ge=1)
 
 
-class ServerSection(_Section):
-    mode: Literal["parallel", "sequential"] = "parallel"
-    """sfl only: process the devices' batches together, or one by one in arrival order."""
-    scheduler: Literal["fifo", "schrage", "exact", "random"] = "fifo"
-    """memsfl: order in which the server serves the devices (splitfed.planning.schedule)."""
+class ProtocolOptions(_Section):
+    """Base of a protocol's own options section (``[<protocol name>]`` in the TOML file); each
+    protocol file declares its subclass as ``Options``."""
+
+
+class AggregationSection(_Section):
+    method: Literal["fedavg", "zeropad"] = "fedavg"
+    """How adapters are combined layer by layer: ``fedavg`` (sample-weighted average; every
+    participant of a layer must have one rank), ``zeropad`` (HetLoRA: zero-pad factors to the
+    largest rank, average, truncate back to each participant's rank)."""
 
 
 class DevicesSection(_Section):
@@ -166,6 +171,8 @@ class SystemSection(_Section):
     subchannel_hz: float = Field(1e6, gt=0)
     """Bandwidth of each subchannel, Hz."""
     noise_dbm_per_hz: float = -174.0
+    backhaul_gbps: float = Field(10.0, gt=0)
+    """Wired link between two server-side workers (a stage chain, edge -> cloud), Gbit/s each way."""
     fading: Literal["rayleigh", "none"] = "rayleigh"
     seed: int | None = None
     """Seed of device positions, speeds and fading; None: the run seed."""
@@ -227,25 +234,76 @@ class RuntimeSection(_Section):
     """ray: address of a running cluster (e.g. ``auto``); None starts a local Ray."""
     ray_hosts: int = Field(0, ge=0)
     """ray: number of host actors, each holding one base model and several devices; 0: one per CPU."""
+    trace_dir: str | None = None
+    """grpc / ray: each device process appends one JSON line per request it serves (op, round, step,
+    start and end wall-clock times) to ``<trace_dir>/<worker>.jsonl``: shows what ran concurrently."""
 
 
 class RunConfig(_Section):
-    protocol: str = "sfl"
+    protocol: str = Field(default_factory=default_protocol)
+    """Registered protocol name (``splitfed.registry``); its options go in the section of that name."""
     seed: int = 0
+    plugins: list[str] = []
+    """Python modules (importable names) that define and register protocols of their own."""
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     lora: LoraSection = LoraSection()
     train: TrainSection = TrainSection()
-    server: ServerSection = ServerSection()
+    options: Any = None
+    """The protocol's options (its ``Options`` model), read from the section named after the protocol."""
+    aggregation: AggregationSection = AggregationSection()
     devices: DevicesSection = DevicesSection()
     runtime: RuntimeSection = RuntimeSection()
     compression: CompressionSection = CompressionSection()
     system: SystemSection = SystemSection()
 
-    @field_validator("protocol")
+    @model_validator(mode="before")
     @classmethod
-    def _known_protocol(cls, value: str) -> str:
-        return _one_of(value, PROTOCOLS, "protocol")
+    def _protocol_section(cls, tree: Any) -> Any:
+        """Move the section named after the protocol into ``options``, validated by its ``Options``."""
+        if not isinstance(tree, dict) or not isinstance(tree.get("options", {}), dict):
+            return tree  # already validated (a RunConfig's own fields), or not a tree: pydantic reports it
+        tree = dict(tree)
+        plugins = tree.get("plugins", [])
+        if isinstance(plugins, list) and all(isinstance(m, str) for m in plugins):
+            load_plugins(plugins)
+        name = tree.setdefault("protocol", default_protocol())
+        if not isinstance(name, str):
+            return tree  # the field check reports it
+        try:
+            options_model = protocol_class(name).Options
+        except ValueError as error:
+            raise ValueError(f"protocol: {error}") from None
+        others = sorted(k for k in tree if k != name and k in protocol_names())
+        if others:
+            raise ValueError(f"section [{others[0]}] configures protocol {others[0]!r}, but protocol is {name!r}")
+        section = tree.pop(name, None)
+        if section is None:
+            section = tree.pop("options", None) or {}
+        try:
+            tree["options"] = options_model.model_validate(section)
+        except ValidationError as error:
+            raise ValueError("; ".join(_error_lines(error, prefix=name))) from None
+        return tree
+        name = tree.setdefault("protocol", default_protocol()) if isinstance(tree, dict) else None
+        if not isinstance(name, str):
+            return tree  # the field check reports it
+        try:
+            options_model = protocol_class(name).Options
+        except ValueError as error:
+            raise ValueError(f"protocol: {error}") from None
+        tree = dict(tree)
+        others = sorted(k for k in tree if k != name and k in protocol_names())
+        if others:
+            raise ValueError(f"section [{others[0]}] configures protocol {others[0]!r}, but protocol is {name!r}")
+        section = tree.pop(name, None)
+        if section is None:
+            section = tree.pop("options", None) or {}
+        try:
+            tree["options"] = options_model.model_validate(section)
+        except ValidationError as error:
+            raise ValueError("; ".join(_error_lines(error, prefix=name))) from None
+        return tree
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -253,13 +311,13 @@ class RunConfig(_Section):
             raise ValueError(
                 f"train.devices_per_round={self.train.devices_per_round} exceeds devices.count={self.devices.count}"
             )
-        if self.protocol in SPLIT_PROTOCOLS and not (self.devices.cuts or self.devices.memory_mb):
-            raise ValueError(f"protocol {self.protocol!r} needs devices.cuts or devices.memory_mb")
-        if self.protocol == "sfl" and len(set(self.devices.cuts)) > 1:
+        ranks = sorted({self.device_rank(u) for u in range(self.devices.count)})
+        if self.aggregation.method == "fedavg" and len(ranks) > 1:
             raise ValueError(
-                f"protocol 'sfl' uses one cut for all devices; devices.cuts={self.devices.cuts} "
-                "(use 'memsfl' for per-device cuts)"
+                f"aggregation.method: 'fedavg' averages adapters of one rank, but devices.ranks gives {ranks}; "
+                "allowed for mixed ranks: 'zeropad'"
             )
+        protocol_class(self.protocol).check_config(self)
         for field in ("activations_per_device", "gradients_per_device"):
             given = len(getattr(self.compression, field))
             if given and given != self.devices.count:
@@ -306,6 +364,12 @@ class RunConfig(_Section):
             )
         return self
 
+    def to_tree(self) -> dict:
+        """The config as a plain tree that ``parse_config`` reads back (options under the protocol's name)."""
+        tree = self.model_dump(exclude={"options"})
+        tree[self.protocol] = self.options.model_dump() if self.options is not None else {}
+        return tree
+
     # Per-device views (cycled lists).
     def device_rank(self, device: int) -> int:
         ranks = self.devices.ranks
@@ -342,25 +406,32 @@ def _parse_value(raw: str) -> object:
         return raw
 
 
-def _format_error(error: ValidationError) -> str:
+def _error_lines(error: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"])
+        field = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"
         lines.append(f"{field}: {message}" if field else message)
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return lines
+
+
+def _format_error(error: ValidationError) -> str:
+    return "invalid config:\n  " + "\n  ".join(_error_lines(error))
 
 
 def parse_config(tree: dict, overrides: list[str] | None = None) -> RunConfig:
     """Validate a config tree plus ``key=value`` overrides; raise ConfigError naming the field."""
     tree = _deep_copy(tree)
+    configured = tree.get("protocol")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw.strip())
+    if isinstance(configured, str) and tree.get("protocol") != configured:
+        tree.pop(configured, None)  # an override switched protocols: the file's section was for the old one
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as error:

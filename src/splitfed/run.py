@@ -17,73 +17,40 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from splitfed.adapters.lora import save_peft_adapter
 from splitfed.checkpoint import load_checkpoint, save_checkpoint
-from splitfed.config import SPLIT_PROTOCOLS, ConfigError, RunConfig
+from splitfed.config import ConfigError, RunConfig
 from splitfed.data.partition import FederatedData, build_federated_data
 from splitfed.data.sources import Document, load_documents
-from splitfed.models.families import num_layers
 from splitfed.models.loading import load_model, load_model_config, load_tokenizer, prepare_model
-from splitfed.protocols import PROTOCOL_CLASSES
 from splitfed.protocols.base import Context, Protocol, RoundFailed
+from splitfed.registry import protocol_class
 from splitfed.report import write_plots
+from splitfed.runtime.remote import RemoteDevices
 from splitfed.wire.compression import compression_summary
-from splitfed.system.costs import device_memory_bytes, deepest_cut, layer_costs
-
-MB = 1024 * 1024
-
-
-def resolve_cuts(config: RunConfig, model_config) -> list[int]:
-    """Cut depth per device, from devices.cuts or the deepest cut that fits devices.memory_mb."""
-    if config.protocol not in SPLIT_PROTOCOLS:
-        return []
-    total = num_layers(model_config)
-    train = config.train
-    costs = layer_costs(model_config, config.lora.targets) if config.devices.memory_mb else None
-    cuts = []
-    for u in range(config.devices.count):
-        cut = config.device_cut(u)
-        if cut is None:
-            budget = config.device_memory_mb(u) * MB
-            rank = config.device_rank(u)
-            cut = deepest_cut(costs, budget, total - 1, rank, train.batch_size, train.seq_len)
-            if cut == 0:
-                need = device_memory_bytes(costs, 1, rank, train.batch_size, train.seq_len) / MB
-                raise ConfigError(
-                    f"devices.memory_mb: device {u} has {config.device_memory_mb(u):g} MB, which cannot hold "
-                    f"even one layer (needs at least {need:.0f} MB at batch {train.batch_size} x {train.seq_len})"
-                )
-        if cut > total - 1:
-            raise ConfigError(
-                f"devices.cuts: cut {cut} of device {u} is past the last layer a device may hold; "
-                f"allowed 1..{total - 1} for this {total}-layer model"
-            )
-        cuts.append(cut)
-    return cuts
-
 
 @dataclass
-class Plan:
-    """Everything checked before any weights are loaded."""
+class ValidatedRun:
+    """A config checked against its model and data before any weights are loaded."""
 
     config: RunConfig
     cuts: list[int]
     documents: list[Document]
 
 
-def plan_run(config: RunConfig) -> Plan:
+def plan_run(config: RunConfig) -> ValidatedRun:
     """Validate model, cuts and data against each other; raise before loading any weights."""
     try:
         model_config = load_model_config(config.model.source)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    cuts = resolve_cuts(config, model_config)
+    cuts = protocol_class(config.protocol).resolve_cuts(config, model_config)
     try:
         documents = load_documents(config.data.source, config.data.documents or None)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    return Plan(config, cuts, documents)
+    return ValidatedRun(config, cuts, documents)
 
 
-def build_data(plan: Plan, tokenizer) -> FederatedData:
+def build_data(plan: ValidatedRun, tokenizer) -> FederatedData:
     config = plan.config
     data = config.data
     try:
@@ -126,7 +93,7 @@ def _perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def build_protocol(plan: Plan, log, remote: object | None = None) -> tuple[Protocol, FederatedData]:
+def build_protocol(plan: ValidatedRun, log, remote: RemoteDevices | None = None) -> tuple[Protocol, FederatedData]:
     """Load the model and data of a validated plan and build the protocol's roles."""
     config = plan.config
     torch.manual_seed(config.seed)
@@ -134,12 +101,12 @@ def build_protocol(plan: Plan, log, remote: object | None = None) -> tuple[Proto
     model_dir = prepare_model(config.model.source)
     model = load_model(config.model.source)
     data = build_data(plan, load_tokenizer(config.model.source))
-    protocol = PROTOCOL_CLASSES[config.protocol](Context(config, model, str(model_dir), data, plan.cuts, log, remote))
+    protocol = protocol_class(config.protocol)(Context(config, model, str(model_dir), data, plan.cuts, log, remote))
     return protocol, data
 
 
 def run(
-    config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False, remote: object | None = None
+    config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False, remote: RemoteDevices | None = None
 ) -> dict:
     """Run a whole experiment into ``out`` and return its summary.
 
@@ -151,7 +118,7 @@ def run(
     log = MetricsLog(out / "metrics.jsonl", append=resume)
     protocol, data = build_protocol(plan, log, remote)
     resolved = {"cuts": plan.cuts, "model_dir": protocol.ctx.model_dir}
-    (out / "config.json").write_text(json.dumps({**config.model_dump(), "resolved": resolved}, indent=2))
+    (out / "config.json").write_text(json.dumps({**config.to_tree(), "resolved": resolved}, indent=2))
 
     first_round, base_loss = 0, None
     if resume:
@@ -225,7 +192,8 @@ def _final_attempt_steps(records: list[dict], round_index: int) -> list[dict]:
     return [r for r in records[start:] if r["kind"] == "step" and r["round"] == round_index]
 
 
-def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_loss: float, wall: float, plan: Plan) -> dict:
+def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_loss: float, wall: float,
+             plan: ValidatedRun) -> dict:
     rounds = [r for r in records if r["kind"] == "round"]
     final_loss = rounds[-1]["eval_loss"]
     return {

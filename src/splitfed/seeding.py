@@ -3,9 +3,27 @@ consumer of randomness never shifts the draws of another."""
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import numpy as np
 
 
-def derive_seed(*parts: int) -> int:
+class Purpose(IntEnum):
+    """What a derived seed is for (the values are part of every run's numbers: never renumber)."""
+
+    BATCHES = 1
+    """A first-stage slot's batch stream (index: device)."""
+    PARTICIPANTS = 2
+    """Which devices take part in a round (index: round)."""
+    CODEC = 3
+    """Stochastic codecs of the wire."""
+    SCHEDULE = 4
+    """The random serving order (index: step)."""
+    ADAPTER_INIT = 5
+    """A remote worker's adapter before its first download (index: device)."""
+
+
+def derive_seed(seed: int, purpose: Purpose, *index: int) -> int:
     """An independent 63-bit seed for each (run seed, purpose, index) tuple."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
+    parts = [seed, int(purpose), *index]
+    return int(np.random.SeedSequence(parts).generate_state(2, dtype=np.uint64)[0] >> 1)

@@ -114,7 +114,7 @@ def test_plan_json_round_trips(tmp_path):
 
 def test_a_device_that_cannot_hold_one_layer_is_named():
     config = _config("sfl", 3, 0)
-    config = parse_config({**config.model_dump(), "devices": {"count": 3, "memory_mb": [100.0, 0.001, 100.0]}})
+    config = parse_config({**config.to_tree(), "devices": {"count": 3, "memory_mb": [100.0, 0.001, 100.0]}})
     with pytest.raises(PlanError, match=r"device 1 \(laptop1\) has 0 MB, which cannot hold one layer"):
         make_plan(config, MODEL, "sft")
 

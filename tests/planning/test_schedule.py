@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from splitfed.config import ServerSection
-from splitfed.planning.schedule import SCHEDULERS, Job, exact, fifo, makespan, schedule, schrage
+from splitfed.registry import protocol_class
+from splitfed.system.schedule import SCHEDULERS, Job, exact, fifo, makespan, schedule, schrage
 from splitfed.run import run
 from tests.conftest import tiny_run_config
 
@@ -48,7 +48,7 @@ def test_makespan(jobs, order, expected):
 def test_zero_processing_jobs_and_known_names():
     jobs = [Job(0, 0, 1), Job(0, 0, 2), Job(1, 1, 0)]
     assert makespan(jobs, exact(jobs)) == 2.0
-    assert set(SCHEDULERS) == set(ServerSection.model_fields["scheduler"].annotation.__args__)
+    assert set(SCHEDULERS) == set(protocol_class("memsfl").Options.model_fields["scheduler"].annotation.__args__)
     assert sorted(schedule("random", jobs, np.random.default_rng(0))) == [0, 1, 2]
     with pytest.raises(ValueError, match="unknown scheduler 'lifo'; allowed: fifo, schrage, exact, random"):
         schedule("lifo", jobs)
@@ -56,7 +56,7 @@ def test_zero_processing_jobs_and_known_names():
 
 def test_memsfl_order_changes_time_not_results(tiny_llama_dir, corpus_dir, tmp_path):
     def losses_and_time(scheduler: str) -> tuple[dict, float]:
-        config = tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", server={"scheduler": scheduler},
+        config = tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", memsfl={"scheduler": scheduler},
                                  devices={"count": 4, "cuts": [1, 2, 4, 5]}, train={"rounds": 1, "local_steps": 2})
         summary = run(config, tmp_path / scheduler, progress=False)
         records = [json.loads(line) for line in (tmp_path / scheduler / "metrics.jsonl").read_text().splitlines()]

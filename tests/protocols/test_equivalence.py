@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from splitfed.data.batches import BatchStream, iterate_batches
 from splitfed.models.loading import load_model
-from splitfed.seeding import derive_seed
+from splitfed.seeding import Purpose, derive_seed
 from splitfed.run import build_protocol, plan_run, run
 from tests.conftest import tiny_run_config
 
@@ -37,7 +37,7 @@ def _plain_peft_losses(config, steps: int) -> list[float]:
     set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in initial.items()})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.train.lr)
-    stream = BatchStream(data.train[0], config.train.batch_size, derive_seed(config.seed, 1, 0))
+    stream = BatchStream(data.train[0], config.train.batch_size, derive_seed(config.seed, Purpose.BATCHES, 0))
     losses = []
     for _ in range(steps):
         batch = stream.next_batch()
@@ -53,7 +53,7 @@ def _plain_peft_losses(config, steps: int) -> list[float]:
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 def test_one_device_sfl_equals_centralized_and_plain_peft(tiny_model_dir, corpus_dir, tmp_path, mode):
     common = dict(devices={"count": 1, "cuts": [3]}, data={"partition": "iid"}, train={"max_grad_norm": 0.5})
-    sfl = tiny_run_config(tiny_model_dir, corpus_dir, "sfl", server={"mode": mode}, **common)
+    sfl = tiny_run_config(tiny_model_dir, corpus_dir, "sfl", sfl={"mode": mode}, **common)
     centralized = tiny_run_config(tiny_model_dir, corpus_dir, "centralized", **common)
     run(sfl, tmp_path / "sfl", progress=False)
     run(centralized, tmp_path / "central", progress=False)
@@ -92,8 +92,8 @@ def test_memsfl_equals_sflv1_at_equal_cuts_with_one_base_model(tiny_model_dir, c
     config = tiny_run_config(tiny_model_dir, corpus_dir, "memsfl", devices=devices, data={"partition": "iid"})
     memsfl, _ = build_protocol(plan_run(config), log=lambda record: None)
     v1, _ = build_protocol(plan_run(config.model_copy(update={"protocol": "sflv1"})), log=lambda record: None)
-    assert len({id(s.stage.model) for s in memsfl.server.unique_slots()}) == 1
-    assert len({id(s.stage.model) for s in v1.server.unique_slots()}) == 3
+    assert len({id(s.stage.model) for s in memsfl.workers["server"].worker.slots.values()}) == 1
+    assert len({id(s.stage.model) for s in v1.workers["server"].worker.slots.values()}) == 3
     assert summaries["sflv1"]["peak_mem_server_bytes"] > 2 * summaries["memsfl"]["peak_mem_server_bytes"]
 
 

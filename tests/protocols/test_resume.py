@@ -49,14 +49,16 @@ def test_an_unfinished_step_leaves_no_gradient_behind(tiny_llama_dir, corpus_dir
 
     config = tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", devices={"count": 1, "cuts": [2]})
     protocol, _ = build_protocol(plan_run(config), log=lambda record: None)
-    device = protocol.devices[0]
+    device = protocol.workers["device0"].worker
+    params = device.slot(None).params
     saved = device.export_state()
-    sent = device.forward(0, 0)
+    sent = device.forward(None, 0, 0)
     grad = torch.ones_like(sent.tensors["hidden"])
-    device.backward(Message("activation_grad", "server", 0, 0, {"grad": grad}, {"loss": 1.0, "tokens": 1}))
-    assert any(p.grad is not None for p in device.params)  # the optimizer step never comes
+    values = {"loss": 1.0, "tokens": 1, "grad_scale": 1.0}
+    device.backward(None, Message("activation_grad", "server", 0, 0, {"grad": grad}, values))
+    assert any(p.grad is not None for p in params)  # the optimizer step never comes
     if interruption == "next forward":
-        device.forward(0, 1)
+        device.forward(None, 0, 1)
     else:
         device.import_state(*saved)
-    assert all(p.grad is None for p in device.params)
+    assert all(p.grad is None for p in params)

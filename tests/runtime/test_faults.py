@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from splitfed.config import load_config
 from splitfed.run import run
-from splitfed.runtime.grpc.processes import serve
+from splitfed.deploy import serve
 from splitfed.runtime.grpc.transport import TransportSettings, connect
 from splitfed.wire.messages import Message, encode
 from tests.runtime.test_grpc_processes import DEVICES, free_port, start_devices, write_config

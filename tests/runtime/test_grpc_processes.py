@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from splitfed.config import load_config
 from splitfed.run import run
-from splitfed.runtime.grpc.processes import serve
+from splitfed.deploy import serve
 
 pytestmark = pytest.mark.slow  # real processes
 

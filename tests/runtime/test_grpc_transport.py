@@ -151,7 +151,7 @@ def test_device_whose_server_vanishes_mid_request_reconnects_instead_of_crashing
     """The server dies while the device computes its reply: sending it fails, and the device
     goes back to dialing (serve_device returns False) rather than raising out of the process."""
     from splitfed.run import build_protocol, plan_run
-    from splitfed.runtime.endpoint import serve_device
+    from splitfed.runtime.endpoint import HostedDevice, serve_device
     from splitfed.runtime.grpc.transport import Session
     from splitfed.runtime.link import message_codec
     from splitfed.wire.messages import encode
@@ -163,4 +163,5 @@ def test_device_whose_server_vanishes_mid_request_reconnects_instead_of_crashing
     for frame in split_frames(0, encode(Message("call", "server", 0, 0, values={"op": "report"})), SETTINGS.chunk_size):
         session.feed(frame)  # a request arrives ...
     session.close("server killed")  # ... and the stream ends before the reply goes out
-    assert serve_device(protocol.devices[0], session, message_codec(config)) is False
+    hosted = HostedDevice(0, protocol.workers["device0"].worker)
+    assert serve_device(hosted, session, message_codec(config)) is False

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from splitfed.run import run
-from splitfed.runtime.ray import run_on_ray
+from splitfed.deploy import run_on_ray
 from tests.conftest import tiny_run_config
 
 pytestmark = pytest.mark.slow  # real processes

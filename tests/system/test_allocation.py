@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from splitfed.config import ConfigError, parse_config
+from splitfed.registry import protocol_class
 from splitfed.system.clock import Clock
 from splitfed.system.costs import layer_costs
 from splitfed.system.traffic import adapter_message_bytes, step_bytes
@@ -43,7 +44,7 @@ def test_bad_allocations_are_named(system, expected):
 def test_the_clock_uses_the_planned_owners_and_powers():
     owners, power = [[1, 1, 0, -1], [0, 1, 0, 1]], [[0.05, 0.1, 0.2, 0.0], [0.1, 0.1, 0.1, 0.1]]
     config = _config(subchannels=4, subchannel_owner=owners, power_w=power, fading="rayleigh")
-    clock = Clock(config, TINY_CONFIGS["llama"](), [1, 1])
+    clock = Clock(config, TINY_CONFIGS["llama"](), protocol_class(config.protocol).topology(config, [1, 1], 6))
     for r in range(3):  # rows cycle over rounds
         clock.begin_round(r, [0, 1])
         up_gains, _ = clock.round_gains(r, [0, 1])
@@ -53,7 +54,7 @@ def test_the_clock_uses_the_planned_owners_and_powers():
 
 def test_power_above_a_devices_maximum_is_named():
     config = _config(subchannels=2, subchannel_owner=[[0, 1]], power_w=[[5.0, 0.1]])
-    clock = Clock(config, TINY_CONFIGS["llama"](), [1, 1])
+    clock = Clock(config, TINY_CONFIGS["llama"](), protocol_class(config.protocol).topology(config, [1, 1], 6))
     expected = r"system.power_w: device 0 \(phone0\) transmits 5 W in round 0, above its maximum 0.2 W"
     with pytest.raises(ValueError, match=expected):
         clock.begin_round(0, [0, 1])

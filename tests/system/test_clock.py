@@ -7,24 +7,35 @@ import json
 import pytest
 
 from splitfed.config import ConfigError, parse_config
-from splitfed.planning.schedule import Job, makespan
+from splitfed.system.schedule import Job, makespan
 from splitfed.run import run
+from splitfed.registry import protocol_class
 from splitfed.system.clock import Clock
 from tests.conftest import TINY_CONFIGS, tiny_run_config
 
 KINDS = ("activations", "activation_grad", "grad_norm", "clip_scale")
 
 
-def _clock(protocol: str, cuts: list[int], **server) -> Clock:
-    config = parse_config({"protocol": protocol, "devices": {"count": len(cuts), "cuts": cuts}, "server": server})
-    clock = Clock(config, TINY_CONFIGS["llama"](), cuts)
+def _topology(config, cuts: list[int]):
+    return protocol_class(config.protocol).topology(config, cuts, TINY_CONFIGS["llama"]().num_hidden_layers)
+
+
+def _clock(protocol: str, cuts: list[int], **options) -> Clock:
+    config = parse_config({"protocol": protocol, "devices": {"count": len(cuts), "cuts": cuts}, protocol: options})
+    clock = Clock(config, TINY_CONFIGS["llama"](), _topology(config, cuts))
     clock.begin_round(0, list(range(len(cuts))))
     return clock
 
 
-def _sent(clock: Clock, devices: list[int]) -> dict[tuple[int, str], int]:
+def _sent(clock: Clock, devices: list[int]) -> dict[tuple[int, str, str], int]:
     """Bytes of one step as the link would count them: activations and gradients, no control."""
-    return {(u, kind): clock.step_bytes(u)[kind] if kind in KINDS[:2] else 0 for u in devices for kind in KINDS}
+    sent = {}
+    for u in devices:
+        hop = clock.routes[u].hops[0]
+        for kind in KINDS:
+            name = hop.name if kind in ("activations", "grad_norm") else hop.reverse().name
+            sent[(u, name, kind)] = clock.step_bytes(u)[kind] if kind in KINDS[:2] else 0
+    return sent
 
 
 def test_sequential_step_is_the_scheduling_makespan():
@@ -49,7 +60,7 @@ def test_shared_slot_waits_and_parallel_batches_together():
 
 def test_no_rate_names_the_device():
     config = parse_config({"protocol": "sfl", "devices": {"count": 2, "cuts": [1]}, "system": {"fading": "none"}})
-    clock = Clock(config, TINY_CONFIGS["llama"](), [1, 1])
+    clock = Clock(config, TINY_CONFIGS["llama"](), _topology(config, [1, 1]))
     clock.devices[1] = type(clock.devices[1])("dead1", 1e12, 1e9, 0.0, 100.0)
     with pytest.raises(ValueError, match=r"device 1 \(dead1\) gets no rate"):
         clock.begin_round(0, [0, 1])
@@ -57,7 +68,8 @@ def test_no_rate_names_the_device():
 
 @pytest.mark.parametrize("protocol, scheduler", [("memsfl", "schrage"), ("fedlora", "fifo"), ("sfl", "fifo")])
 def test_runs_record_sim_s(tiny_llama_dir, corpus_dir, tmp_path, protocol, scheduler):
-    config = tiny_run_config(tiny_llama_dir, corpus_dir, protocol, server={"scheduler": scheduler},
+    options = {protocol: {"scheduler": scheduler}} if protocol == "memsfl" else {}
+    config = tiny_run_config(tiny_llama_dir, corpus_dir, protocol, **options,
                              devices={"count": 3, "cuts": [1, 3] if protocol == "memsfl" else [2]})
     summary = run(config, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -7,20 +7,21 @@ import pytest
 from splitfed.config import parse_config
 from splitfed.models.loading import WEIGHTS_FILE, load_model_config, resolve_source
 from splitfed.run import plan_run, run
-from splitfed.system.clock import predicted_memory
+from splitfed.registry import protocol_class
 from tests.conftest import tiny_run_config
 
 CASES = [
     ("sfl", {"devices": {"count": 3, "cuts": [2]}}),
-    ("sfl", {"devices": {"count": 3, "cuts": [3]}, "server": {"mode": "sequential"}}),
-    ("memsfl", {"devices": {"count": 3, "cuts": [1, 2, 4], "ranks": [2, 4, 8]}}),
+    ("sfl", {"devices": {"count": 3, "cuts": [3]}, "sfl": {"mode": "sequential"}}),
+    ("memsfl", {"devices": {"count": 3, "cuts": [1, 2, 4], "ranks": [2, 4, 8]}, "aggregation": {"method": "zeropad"}}),
     ("sflv1", {"devices": {"count": 2, "cuts": [2, 3]}}),
     ("fedlora", {"devices": {"count": 2, "cuts": []}}),
 ]
 
 
 def _check(config, summary) -> None:
-    predicted = predicted_memory(config, load_model_config(config.model.source), summary["cuts"])
+    predicted = protocol_class(config.protocol).predicted_memory(config, load_model_config(config.model.source),
+                                                                 summary["cuts"])
     for key, value in predicted.items():
         assert value == pytest.approx(summary[key], rel=0.2, abs=1), key
 

@@ -11,6 +11,7 @@ import torch
 
 from splitfed.config import parse_config
 from splitfed.runtime.inproc import InProcessLink
+from splitfed.topology import Hop
 from splitfed.wire.codecs import CodecError
 from splitfed.wire.compression import MessageCodec
 from splitfed.wire.messages import Message, decode, encode
@@ -40,7 +41,7 @@ def test_two_process_ends_deliver_what_the_in_process_link_delivers():
     device_side, server_side = MessageCodec(compression, seed=7), MessageCodec(compression, seed=7)
     for step in range(3):  # error feedback: later messages depend on the residual of earlier ones
         message = _activations(step, step=step)
-        local = link.up(0, message)
+        local = link.carry(Hop("device0", "server"), 0, "up", message, coded=True)
         remote = _over_the_wire(device_side, server_side, 0, message)
         assert remote.values == local.values == {}
         assert remote.tensors.keys() == message.tensors.keys()

@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from splitfed.adapters.layout import AdapterLayout
 from splitfed.models.families import Family
 
 AdapterState = dict[str, torch.Tensor]
@@ -44,6 +45,11 @@ def make_lora_config(
         bias="none",
         fan_in_fan_out=family.fan_in_fan_out,
     )
+
+
+def layout_config(family: Family, layout: AdapterLayout, dropout: float = 0.0) -> LoraConfig:
+    """The PEFT LoraConfig of an adapter with ``layout``."""
+    return make_lora_config(family, list(layout.targets), layout.rank, layout.alpha_per_rank, list(layout.layers), dropout)
 
 
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
@@ -139,12 +145,29 @@ def state_bytes(state: AdapterState) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def rank_patterns(state: AdapterState, rank: int, alpha_per_rank: float) -> tuple[dict[str, int], dict[str, float]]:
+    """PEFT ``rank_pattern`` / ``alpha_pattern`` for the modules of ``state`` whose rank is not ``rank``."""
+    ranks, alphas = {}, {}
+    for key, tensor in sorted(state.items()):
+        if ".lora_A." in key and tensor.shape[0] != rank:
+            module = key.split(".lora_A.", 1)[0]
+            ranks[module] = int(tensor.shape[0])
+            alphas[module] = alpha_per_rank * int(tensor.shape[0])
+    return ranks, alphas
+
+
 def save_peft_adapter(state: AdapterState, config: LoraConfig, directory: Path, base_model: str) -> None:
-    """Write ``state`` in PEFT's format, loadable by ``PeftModel.from_pretrained(base, directory)``."""
+    """Write ``state`` in PEFT's format, loadable by ``PeftModel.from_pretrained(base, directory)``.
+
+    Modules whose rank differs from ``config.r`` are listed in ``rank_pattern`` / ``alpha_pattern``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     weights = {f"base_model.model.{k}": v.contiguous() for k, v in state.items()}
     save_file(weights, directory / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     config_tree = config.to_dict()
     config_tree["base_model_name_or_path"] = base_model
     config_tree["target_modules"] = sorted(config_tree["target_modules"])
+    config_tree["task_type"] = "CAUSAL_LM"
+    ranks, alphas = rank_patterns(state, config.r, config.lora_alpha / config.r)
+    config_tree["rank_pattern"], config_tree["alpha_pattern"] = ranks, alphas
     (directory / "adapter_config.json").write_text(json.dumps(config_tree, indent=2, default=list))

@@ -1,2 +1,3 @@
-"""Decisions on top of the system model: server scheduling (schedule.py) and the planners that
-choose cuts, ranks, subchannels, power and compression (registry.PLANNERS, one module each)."""
+"""Decisions on top of the system model: the planners that choose cuts, ranks, subchannels, power,
+compression and the server order (registry.PLANNERS, one module each; the schedulers themselves
+are in ``splitfed.system.schedule``)."""

@@ -3,7 +3,7 @@
 * ``equal``: the configured cuts (devices.cuts, or the deepest that fits devices.memory_mb),
   subchannels dealt round-robin, each device's power split equally, no compression.
 * ``cut_only``: equal spectrum and no compression; cuts chosen by sft's slow timescale
-  (one common cut, or per device with memsfl).
+  (one common cut, or per device with the configured protocol's ``per_device_cuts``).
 * ``bandwidth_only``: the configured cuts, no compression; subchannels per round by sft's
   fast timescale (SLSQP).
 """

@@ -1,9 +1,10 @@
 """A plan: a planner's decisions as config overrides, with the delay and memory it predicts.
 
-``Plan.overrides()`` turns the decisions into ``--set``-style overrides (devices.cuts,
-devices.ranks, compression.*_per_device, system.subchannel_owner / power_w,
-server.scheduler, protocol), so ``splitfed run CONFIG --plan plan.json`` needs nothing
-beyond the config machinery. JSON round-trips exactly.
+``Plan.overrides()`` turns the decisions into ``--set``-style overrides (protocol,
+devices.cuts, devices.ranks, compression.*_per_device, system.subchannel_owner / power_w, and
+``<protocol>.scheduler`` where the planned protocol has that option), so
+``splitfed run CONFIG --plan plan.json`` needs nothing beyond the config machinery. JSON
+round-trips exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from splitfed.config import RunConfig, parse_config
+from splitfed.registry import protocol_class
 
 
 @dataclass
@@ -31,8 +33,12 @@ class Plan:
     power_w: list[list[float]]
     """Per round: uplink watts per subchannel; empty: devices split their maximum power equally."""
     scheduler: str
-    """Server order for memsfl (splitfed.planning.schedule)."""
+    """The planned protocol's serving order (splitfed.system.schedule); an override only where its
+    options have a ``scheduler``."""
     subchannel_hz: float = 1e6
+    one_at_a_time: bool = False
+    """The planned protocol's server side serves the devices one at a time (in ``first_order`` at
+    the first step), not all of a step's batches together."""
     round_s: list[float] = field(default_factory=list)
     """Predicted simulated seconds of each round of the configured run (what ``sim_s`` records)."""
     rounds_needed: float = 0.0
@@ -69,13 +75,18 @@ class Plan:
             "system.subchannels": self.subchannels,
             "system.subchannel_owner": self.subchannel_owner,
             "system.power_w": self.power_w,
-            "server.scheduler": self.scheduler,
         }
+        if "scheduler" in protocol_class(self.protocol).Options.model_fields:
+            values[f"{self.protocol}.scheduler"] = self.scheduler
         return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
     def apply(self, config: RunConfig) -> RunConfig:
-        """``config`` with the plan's decisions."""
-        return parse_config(config.model_dump(), self.overrides())
+        """``config`` with the plan's decisions (a planned protocol other than the configured one
+        starts from its default options: the configured protocol's section is dropped)."""
+        tree = config.to_tree()
+        if self.protocol != config.protocol:
+            tree.pop(config.protocol, None)
+        return parse_config(tree, self.overrides())
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "predicted": {

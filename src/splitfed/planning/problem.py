@@ -4,6 +4,12 @@ fast vectorised estimate of a round's delay for candidate decisions.
 The planners search with ``Problem.round_delay`` (numpy over devices, the clock's order of
 events for one round); the numbers a plan reports come from ``planning.predict``, which replays
 the run through the simulated clock itself, so plans and runs agree.
+
+Nothing here names a protocol: a decision's protocol is read through its class's declarations
+(``splitfed.registry``): its topology for the costs of each route's stages, and ``scheduled`` /
+``serves_together`` / shared server-side slots for the order of a step's events. The estimate
+assumes the split protocols' shape: routes of a device stage and server-side stages whose slots
+sit with the aggregator (their adapters cross no network), on one server-side worker.
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PretrainedConfig
 
-from splitfed.config import SPLIT_PROTOCOLS, RunConfig
+from splitfed.config import RunConfig
 from splitfed.models.families import num_layers
-from splitfed.planning.schedule import Job, makespan, schedule
+from splitfed.registry import protocol_class, protocol_names
+from splitfed.seeding import Purpose, derive_seed
+from splitfed.system.schedule import Job, makespan, schedule
 from splitfed.system.clock import Clock
 from splitfed.system.costs import device_memory_bytes, layer_costs, stage_flops
 from splitfed.system.traffic import adapter_message_bytes, step_bytes
+from splitfed.topology import StagePlacement, Topology, groups_share_slots
 
 MB = 1024**2
 BITS = 8
@@ -44,6 +53,7 @@ class Decision:
     """What a planner decides, per device and per round (the rounds of the configured run)."""
 
     protocol: str
+    """The configured protocol, or the one its class names for per-device cuts (``per_device_cuts``)."""
     cuts: np.ndarray
     """(devices,) layers on each device."""
     ranks: np.ndarray
@@ -72,22 +82,27 @@ class Loads:
     download: np.ndarray
     """Adapter bytes downloaded at round start."""
     upload: np.ndarray
+    server_slots: tuple[frozenset[tuple[str, str]], ...]
+    """Per device: the (worker, slot) keys of its route's server-side stages."""
 
 
 class Problem:
     """Everything a planner needs about a config, computed once."""
 
     def __init__(self, config: RunConfig, model_config: PretrainedConfig) -> None:
-        if config.protocol not in SPLIT_PROTOCOLS:
+        protocol = protocol_class(config.protocol)
+        if not protocol.split:
+            split = [name for name in protocol_names() if protocol_class(name).split]
             raise PlanError(f"protocol {config.protocol!r}: planners choose cuts for split protocols; allowed: "
-                            f"{', '.join(SPLIT_PROTOCOLS)}")
+                            f"{', '.join(split)}")
         if config.participants_per_round < config.devices.count:
             raise PlanError("train.devices_per_round: planners need every device in every round (set it to 0)")
         self.config = config
         self.costs = layer_costs(model_config, config.lora.targets)
         self.total_layers = num_layers(model_config)
         self.n = config.devices.count
-        self.clock = Clock(config, model_config, [1] * self.n)
+        self._configs: dict[str, RunConfig] = {}
+        self.clock = Clock(config, model_config, protocol.topology(config, [1] * self.n, self.total_layers))
         self.devices = self.clock.devices
         self.server = self.clock.server
         self.channel = self.clock.channel
@@ -102,6 +117,27 @@ class Problem:
         self._memory: dict[tuple[int, int], int] = {}
         self._cache: dict[tuple, tuple[float, float]] = {}
         self._check_feasible()
+
+    # --- the planned protocol --------------------------------------------------------------
+    def config_for(self, protocol: str) -> RunConfig:
+        """The configured run as a plan with protocol ``protocol`` runs it (what ``Plan.apply`` gives):
+        that protocol's options (the configured ones if it is the configured protocol, else its
+        defaults) with the planned ``scheduler`` where its options have one."""
+        if protocol not in self._configs:
+            cls = protocol_class(protocol)
+            options = self.config.options if protocol == self.config.protocol else cls.Options()
+            if "scheduler" in cls.Options.model_fields:
+                options = options.model_copy(update={"scheduler": self.scheduler()})
+            self._configs[protocol] = self.config.model_copy(update={"protocol": protocol, "options": options})
+        return self._configs[protocol]
+
+    def topology(self, protocol: str, cuts: np.ndarray, ranks: np.ndarray) -> Topology:
+        """The routes ``protocol`` declares for these cuts and device ranks."""
+        config = self.config_for(protocol)
+        ranks = [int(r) for r in ranks]
+        if ranks != [config.device_rank(u) for u in range(self.n)]:
+            config = config.model_copy(update={"devices": config.devices.model_copy(update={"ranks": ranks})})
+        return protocol_class(protocol).topology(config, [int(c) for c in cuts], self.total_layers)
 
     # --- limits ---------------------------------------------------------------------------
     def _budget(self, u: int) -> float:
@@ -136,10 +172,12 @@ class Problem:
                 )
 
     # --- costs ----------------------------------------------------------------------------
-    def _flops(self, layers: int, rank: int, first: bool) -> tuple[float, float]:
-        key = ("flops", layers, rank, first)
+    def _flops(self, stage: StagePlacement) -> tuple[float, float]:
+        """(forward, backward) FLOPs of one route's batch through ``stage``."""
+        key = ("flops", stage.end - stage.start, stage.rank, stage.first, stage.last)
         if key not in self._cache:
-            f = stage_flops(self.costs, layers, self.batch, self.seq, rank, first=first, last=not first)
+            f = stage_flops(self.costs, stage.end - stage.start, self.batch, self.seq, stage.rank,
+                            first=stage.first, last=stage.last)
             self._cache[key] = (f.forward, f.backward)
         return self._cache[key]
 
@@ -154,22 +192,27 @@ class Problem:
         return base + (cut - 1) * per_layer
 
     def loads(self, protocol: str, cuts: np.ndarray, ranks: np.ndarray, specs: list[str]) -> Loads:
-        speed = np.array([d.flops for d in self.devices])
-        slot_rank = int(ranks.max())
-        device = [self._flops(int(c), int(r), True) for c, r in zip(cuts, ranks)]
-        server = [sum(self._flops(self.total_layers - int(c), slot_rank if protocol == "sfl" else int(r), False))
-                  for c, r in zip(cuts, ranks)]
+        """Each device's route as ``protocol`` declares it: its first stage on the device, the rest
+        (at the rank of the slot, e.g. a shared slot's largest) on the server side."""
+        topology = self.topology(protocol, cuts, ranks)
+        routes = topology.routes
+        global_rank = max(s.rank for route in routes for s in route.stages)
+        device = [self._flops(route.first) for route in routes]
+        speed = np.array([self.clock.speed(route.first, route.device) for route in routes])
+        server = [sum(sum(self._flops(s)) / self.clock.speed(s, route.device) for s in route.stages[1:])
+                  for route in routes]
         sizes = [step_bytes(self.costs, u, self.batch, self.seq, s, s) for u, s in enumerate(specs)]
         return Loads(
             forward_s=np.array([f for f, _ in device]) / speed,
             backward_s=np.array([b for _, b in device]) / speed,
-            server_s=np.array(server) / self.server.flops,
+            server_s=np.array(server),
             up_step=np.array([s["activations"] for s in sizes], dtype=float),
             down_step=np.array([s["activation_grad"] for s in sizes], dtype=float),
             norm=np.array([s["grad_norm"] for s in sizes], dtype=float),
             clip=np.array([s["clip_scale"] for s in sizes], dtype=float),
-            download=np.array([self._adapter(int(c), slot_rank, False) for c in cuts]),
-            upload=np.array([self._adapter(int(c), int(r), True) for c, r in zip(cuts, ranks)]),
+            download=np.array([self._adapter(r.first.end - r.first.start, global_rank, False) for r in routes]),
+            upload=np.array([self._adapter(r.first.end - r.first.start, r.first.rank, True) for r in routes]),
+            server_slots=topology.server_side_slots(),
         )
 
     # --- channel --------------------------------------------------------------------------
@@ -198,20 +241,28 @@ class Problem:
         head = loads.forward_s + loads.up_step * BITS / up
         tail = loads.down_step * BITS / down + loads.backward_s + loads.norm * BITS / up
         clip = loads.clip * BITS / down
-        if protocol == "memsfl":
+        cls, config = protocol_class(protocol), self.config_for(protocol)
+        if cls.scheduled(config) or not cls.serves_together(config):  # one device at a time
             jobs = [Job(h, p, t + c) for h, p, t, c in zip(head, loads.server_s, tail, clip)]
-            step = makespan(jobs, schedule(self.scheduler(), jobs))
-        elif protocol == "sfl" and self.config.server.mode == "sequential":
-            free = step = 0.0
-            for u in range(self.n):  # one shared slot: the next device waits for the step
-                free = max(free, head[u]) + loads.server_s[u] + tail[u]
-                step = max(step, free + clip[u])
+            if cls.scheduled(config):
+                rng = np.random.default_rng(derive_seed(self.config.seed, Purpose.SCHEDULE, 0))
+                order = schedule(cls.scheduler(config), jobs, rng)
+            else:
+                order = list(range(self.n))
+            if groups_share_slots(loads.server_slots, [[u] for u in order]):
+                free = step = 0.0
+                for u in order:  # a shared slot: the next device waits for its step
+                    free = max(free, head[u]) + loads.server_s[u] + tail[u]
+                    step = max(step, free + clip[u])
+            else:
+                step = makespan(jobs, order)
         else:  # the server takes all devices' batches together
             step = head.max() + loads.server_s.sum() + tail.max() + clip.max()
         return float((loads.download * BITS / down).max() + self.steps * step + (loads.upload * BITS / up).max())
 
     def scheduler(self) -> str:
-        """Serving order a plan sets for memsfl: exact for small rounds, Schrage beyond."""
+        """Serving order a plan sets where the protocol has a ``scheduler`` option: exact for small
+        rounds, Schrage beyond."""
         return "exact" if self.n <= 10 else "schrage"
 
     def mean_delay(self, decision: Decision) -> float:
@@ -229,14 +280,14 @@ class Problem:
         return Decision(self.config.protocol, self.base_cuts(), self.ranks.copy(), ["none"] * self.n)
 
     def base_cuts(self) -> np.ndarray:
-        """The configured cuts (devices.cuts, or the deepest that fits devices.memory_mb; with sfl,
-        whose devices share one cut, the deepest that fits them all)."""
+        """The configured cuts (devices.cuts, or the deepest that fits devices.memory_mb; with a
+        protocol whose devices share one cut, the deepest that fits them all)."""
         cuts = []
         for u in range(self.n):
             cut = self.config.device_cut(u)
             if cut is None:
                 cut = int(self.max_cut(int(self.ranks[u]))[u])
             cuts.append(min(cut, self.total_layers - 1))
-        if self.config.protocol == "sfl":
+        if protocol_class(self.config.protocol).common_cut:
             cuts = [min(cuts)] * self.n
         return np.array(cuts)

@@ -21,6 +21,7 @@ from splitfed.planning.plan import Plan
 from splitfed.planning.predict import predict
 from splitfed.planning.problem import Decision, PlanOptions, Problem
 from splitfed.planning.sft import sft
+from splitfed.registry import protocol_class
 
 Planner = Callable[[Problem, PlanOptions], Decision]
 
@@ -46,7 +47,7 @@ def register(name: str) -> Callable[[Planner], Planner]:
 def to_plan(problem: Problem, decision: Decision, name: str) -> Plan:
     """A decision written as a plan (explicit per-round owners; power only if the planner set it)."""
     owners = decision.owners or [problem.equal_owners()] * problem.rounds
-    memsfl = decision.protocol == "memsfl"
+    protocol, config = protocol_class(decision.protocol), problem.config_for(decision.protocol)
     return Plan(
         planner=name,
         protocol=decision.protocol,
@@ -58,7 +59,8 @@ def to_plan(problem: Problem, decision: Decision, name: str) -> Plan:
         subchannel_hz=problem.channel.bandwidth_hz,
         subchannel_owner=[[int(u) for u in row] for row in owners],
         power_w=[[float(p) for p in np.round(row, 12)] for row in decision.power] if decision.power else [],
-        scheduler=problem.scheduler() if memsfl else problem.config.server.scheduler,
+        scheduler=protocol.scheduler(config),
+        one_at_a_time=protocol.scheduled(config) or not protocol.serves_together(config),
         device_names=[d.name for d in problem.devices],
     )
 

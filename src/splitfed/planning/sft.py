@@ -12,9 +12,10 @@ then multiplier ascent. The slow problem sees each device's mean rate over the r
 Fast timescale, per channel realisation (round): subchannels by SLSQP
 (``planning.spectrum.slsqp_owners``). Two passes: rates -> slow -> fast -> rates -> slow -> fast.
 
-With protocol ``sfl`` both a common cut (sfl) and per-device cuts (memsfl) are solved and the
-faster is kept; the configured (equal) decision is the first incumbent, so sft never predicts
-a slower round than ``equal``.
+With a protocol whose devices share one cut (sfl) both a common cut and per-device cuts (with
+the protocol its class names in ``per_device_cuts``, memsfl) are solved and the faster is kept;
+the configured (equal) decision is the first incumbent, so sft never predicts a slower round
+than ``equal``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from splitfed.planning.problem import BITS, Decision, PlanOptions, Problem
 from splitfed.planning.spectrum import slsqp_owners
+from splitfed.registry import protocol_class
 from splitfed.system.traffic import step_bytes
 from splitfed.wire.codecs import expected_relative_error
 
@@ -120,8 +122,7 @@ def _augmented_lagrangian(head: np.ndarray, tail: np.ndarray, server: np.ndarray
 
 def slow_timescale(problem: Problem, protocol: str, ladder: tuple[str, ...], max_error: float,
                    up: np.ndarray, down: np.ndarray, common_cut: bool) -> Decision:
-    """Cuts and codecs: per device (memsfl) or one cut for all (each common cut solved, best kept)."""
-    n = problem.n
+    """Cuts and codecs: per device, or one cut for all (each common cut solved, best kept)."""
     limit = problem.total_layers - 1
     best: tuple[float, Decision] | None = None
     groups = [[c] for c in range(1, limit + 1)] if common_cut else [list(range(1, limit + 1))]
@@ -150,9 +151,11 @@ def solve(problem: Problem, ladder: tuple[str, ...], max_error: float, allocate:
     """Best of the equal decision and the two-timescale solutions for each allowed cut structure."""
     incumbent = problem.equal_decision()
     config_protocol = problem.config.protocol
-    structures = [(config_protocol, False)]  # (protocol, one common cut)
-    if config_protocol == "sfl":
-        structures = [("sfl", True), ("memsfl", False)]
+    configured = protocol_class(config_protocol)
+    per_device = configured.per_device_cuts if configured.common_cut else None
+    structures = [(config_protocol, configured.common_cut)]  # (protocol, one common cut)
+    if per_device:
+        structures.append((per_device, False))
     best, best_delay = incumbent, problem.mean_delay(incumbent)
     for protocol, common in structures:
         decision = Decision(protocol, incumbent.cuts, incumbent.ranks, incumbent.specs)
@@ -162,8 +165,8 @@ def solve(problem: Problem, ladder: tuple[str, ...], max_error: float, allocate:
             decision = slow_timescale(problem, protocol, ladder, max_error, up, down, common)
             if allocate:
                 decision = fast_timescale(problem, decision, polish=index == passes - 1)
-        if len(set(decision.cuts.tolist())) == 1 and protocol == "memsfl" and config_protocol == "sfl":
-            decision.protocol = "sfl"  # one cut after all: keep the shared server model
+        if protocol == per_device and len(set(decision.cuts.tolist())) == 1:
+            decision.protocol = config_protocol  # one cut after all: keep the configured protocol's server side
         delay = problem.mean_delay(decision)
         if delay < best_delay:
             best, best_delay = decision, delay

@@ -1,12 +1,6 @@
-"""Protocols by config name."""
+"""The shipped protocols; importing this package registers them (``splitfed.registry``)."""
 
-from splitfed.protocols.base import Protocol
-from splitfed.protocols.centralized import Centralized
-from splitfed.protocols.fedlora import FederatedLoRA
-from splitfed.protocols.memsfl import MemorySplitFed
-from splitfed.protocols.sfl import SplitFed
-from splitfed.protocols.sflv1 import SplitFedV1
+from splitfed.protocols import centralized, fedlora, memsfl, sfl, sflv1  # noqa: F401 - they register themselves
+from splitfed.registry import set_default
 
-PROTOCOL_CLASSES: dict[str, type[Protocol]] = {
-    cls.name: cls for cls in (SplitFed, MemorySplitFed, SplitFedV1, Centralized, FederatedLoRA)
-}
+set_default(sfl.SplitFed.name)

@@ -1,7 +1,13 @@
-"""What every protocol shares: the global adapter, round sampling, evaluation and step records.
+"""What every protocol shares: its declarations, the workers built from them, the global
+adapter, round sampling, evaluation and step records.
 
-A protocol builds its roles in ``build`` and says in ``train_round`` who sends what to
-whom in one round. The engine (``splitfed.run``) drives rounds, evaluation and output.
+A protocol is one file. It declares, without loading any weights:
+- ``Options``: its own config section (``[<name>]`` in the TOML file), and ``check_config``;
+- ``topology``: each device's route of stages over workers (``splitfed.topology``);
+- ``serves_together`` / ``groups``: which routes the server side serves together, in which order;
+and it says in ``train_round`` who sends what to whom in one round. Everything else
+(workers, checkpoints, memory report, clock, planner predictions, process hosting) is
+derived here and in the engine (``splitfed.run``) from those declarations.
 """
 
 from __future__ import annotations
@@ -11,139 +17,221 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-from splitfed.adapters.lora import (
-    activate,
-    add_adapter,
-    get_adapter_state,
-    lora_layers,
-    make_lora_config,
-    set_adapter_state,
-)
-from splitfed.config import RunConfig
+from splitfed.adapters.aggregate import Upload
+from splitfed.adapters.layout import AdapterLayout
+from splitfed.adapters.lora import activate, add_adapter, get_adapter_state, layout_config, lora_layers, set_adapter_state
+from splitfed.config import ProtocolOptions, RunConfig
 from splitfed.data.batches import TokenDataset, iterate_batches
 from splitfed.data.partition import FederatedData
 from splitfed.models.families import Family, family_for, num_layers
+from splitfed.models.loading import load_stage_model
 from splitfed.models.split import Stage, StageSpec, position_ids_for, token_loss_sum
 from splitfed.optim import lr_at
 from splitfed.roles.aggregator import Aggregator
-from splitfed.roles.device import Device
+from splitfed.roles.worker import StageWorker
+from splitfed.runtime.futures import Reply
+from splitfed.runtime.handles import LocalWorker, Network, WorkerHandle
 from splitfed.runtime.inproc import InProcessLink
-from splitfed.runtime.link import message_codec
-from splitfed.runtime.remote import DeviceDropped
-from splitfed.seeding import derive_seed
-from splitfed.system.clock import Clock
+from splitfed.runtime.link import NO_ROUTE, message_codec
+from splitfed.runtime.remote import DeviceDropped, RemoteDevices
+from splitfed.seeding import Purpose, derive_seed
+from splitfed.system.clock import Clock, predicted_memory
+from splitfed.system.cuts import resolve_cuts
+from splitfed.system.schedule import serving_order
+from splitfed.topology import Hop, StagePlacement, Topology
 from splitfed.wire.messages import Message
 
 GLOBAL_ADAPTER = "global"
+
+
+def adapter_layout(config: RunConfig, stage: StagePlacement) -> AdapterLayout:
+    """The LoRA layout of a stage's slot: its layers, the configured targets, the stage's rank."""
+    lora = config.lora
+    return AdapterLayout(stage.layers, tuple(lora.targets), stage.rank, lora.alpha / lora.rank)
 
 
 class RoundFailed(RuntimeError):
     """Too few devices finished the round; the engine retries it."""
 
 
-def lora_config(config: RunConfig, family: Family, rank: int, layers: range):
-    """The PEFT LoraConfig of an adapter with ``rank`` on ``layers`` (alpha / rank fixed by the config)."""
-    lora = config.lora
-    return make_lora_config(family, lora.targets, rank, lora.alpha / lora.rank, list(layers), lora.dropout)
-
-
 @dataclass
 class Context:
     config: RunConfig
     model: nn.Module
-    """The one frozen base model of this process (all simulated roles share it)."""
+    """The one frozen base model of this process (all simulated workers share it)."""
     model_dir: str
-    """Where the base weights live, for protocols that load extra server-side copies."""
+    """Where the base weights live, for slots that run on their own copy of the base."""
     data: FederatedData
     cuts: list[int]
     """Resolved cut depth per device (split protocols)."""
     log: Callable[[dict], None]
-    remote: object | None = None
-    """Handles of devices in other processes (``runtime.remote.RemoteDevices``); None: devices run here."""
+    remote: RemoteDevices | None = None
+    """Devices in other processes (gRPC, Ray); None: every worker runs here."""
 
 
 class Protocol(ABC):
-    name: str
+    name: ClassVar[str]
+    Options: ClassVar[type[ProtocolOptions]] = ProtocolOptions
+    split: ClassVar[bool] = True
+    """Devices hold a cut (``devices.cuts`` or ``devices.memory_mb`` decide it)."""
+    common_cut: ClassVar[bool] = False
+    """Every device has the same cut (a shared server-side stage starts right above it)."""
+    per_device_cuts: ClassVar[str | None] = None
+    """The protocol a planner switches to when it gives this protocol's devices different cuts."""
 
+    # --- declarations (no weights needed: the config checks, clock and planners use them) ----
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        """Raise ValueError (naming the field) for configs this protocol cannot run."""
+        if cls.split and not (config.devices.cuts or config.devices.memory_mb):
+            raise ValueError(f"protocol {cls.name!r} needs devices.cuts or devices.memory_mb")
+        if cls.common_cut and len(set(config.devices.cuts)) > 1:
+            raise ValueError(f"protocol {cls.name!r} uses one cut for all devices; devices.cuts={config.devices.cuts}")
+
+    @classmethod
+    def resolve_cuts(cls, config: RunConfig, model_config: PretrainedConfig) -> list[int]:
+        return resolve_cuts(config, model_config, common=cls.common_cut) if cls.split else []
+
+    @classmethod
+    @abstractmethod
+    def topology(cls, config: RunConfig, cuts: list[int], total_layers: int) -> Topology:
+        """Every device's route."""
+
+    @classmethod
+    def serves_together(cls, config: RunConfig) -> bool:
+        """The server side serves all routes of a step as one group (else one route at a time)."""
+        return True
+
+    @classmethod
+    def scheduled(cls, config: RunConfig) -> bool:
+        """One route at a time in the order of a scheduler (``system.schedule``) on predicted timings."""
+        return False
+
+    @classmethod
+    def scheduler(cls, config: RunConfig) -> str:
+        return "fifo"
+
+    @classmethod
+    def predicted_memory(cls, config: RunConfig, model_config: PretrainedConfig, cuts: list[int]) -> dict[str, int]:
+        """Predicted peak bytes of the largest device and server-side worker (``system.clock``)."""
+        topology = cls.topology(config, cuts, num_layers(model_config))
+        return predicted_memory(config, model_config, topology, cls.serves_together(config))
+
+    @classmethod
+    def groups(cls, config: RunConfig, clock: Clock, participants: list[int], step_index: int) -> list[list[int]]:
+        """Routes the server side serves together, in serving order."""
+        if cls.scheduled(config):  # one at a time, in the scheduler's order
+            order = serving_order(clock, participants, cls.scheduler(config), config.seed, step_index)
+            return [[u] for u in order]
+        return [participants] if cls.serves_together(config) else [[u] for u in participants]
+
+    # --- building the workers ----------------------------------------------------------------
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.config = ctx.config
         self.model = ctx.model
         self.family: Family = family_for(ctx.model.config)
         self.total_layers = num_layers(ctx.model.config)
-        if ctx.remote is not None:  # devices are other processes: the transport counts the bytes
-            self.link = ctx.remote.link
-        else:
-            self.link = InProcessLink(message_codec(self.config))
-        self.clock = Clock(self.config, ctx.model.config, ctx.cuts)
+        self.topo = type(self).topology(self.config, ctx.cuts, self.total_layers)
+        self.link = InProcessLink(message_codec(self.config))
+        remote = self._remote_workers()
+        self.net = Network(self.topo, self.link, set(remote))
+        self.clock = Clock(self.config, ctx.model.config, self.topo)
         self.step_index = 0
         self.total_steps = self.config.train.rounds * self.config.train.local_steps
-        ranks = [self.config.device_rank(u) for u in range(self.config.devices.count)]
         # The global adapter is created first under the run seed, so every protocol starts
         # from the same initial LoRA: split and unsplit runs can be compared step by step.
         torch.manual_seed(self.config.seed)
-        self.global_rank = max(ranks)
-        self.add_adapter(GLOBAL_ADAPTER, self.global_rank, range(self.total_layers))
-        self.aggregator = Aggregator(get_adapter_state(self.model, GLOBAL_ADAPTER), self.family)
+        self.global_rank = max(s.rank for r in self.topo.routes for s in r.stages)
+        self._add_adapter(self.model, GLOBAL_ADAPTER, self.layout_of(
+            StagePlacement("", "", 0, self.total_layers, True, True, GLOBAL_ADAPTER, self.global_rank)))
+        self.aggregator = Aggregator(get_adapter_state(self.model, GLOBAL_ADAPTER), self.family,
+                                     self.config.aggregation.method)
         self._global_layers = lora_layers(self.model)
-        self.devices: dict[int, Device] = {}
+        self.workers: dict[str, WorkerHandle] = {**self._local_workers(set(remote)), **remote}
         self.dropped: set[int] = set()  # devices that left a round and have not finished one since
-        self.build()
 
-    # --- building blocks ------------------------------------------------------------------
-    def lora_config(self, rank: int, layers: range):
-        return lora_config(self.config, self.family, rank, layers)
+    def layout_of(self, stage: StagePlacement) -> AdapterLayout:
+        return adapter_layout(self.config, stage)
 
-    def add_adapter(self, name: str, rank: int, layers: range, model: nn.Module | None = None) -> None:
-        add_adapter(model if model is not None else self.model, name, self.lora_config(rank, layers))
+    def _add_adapter(self, model: nn.Module, name: str, layout: AdapterLayout) -> None:
+        add_adapter(model, name, layout_config(self.family, layout, self.config.lora.dropout))
 
-    def global_lora_config(self):
-        """The PEFT config of the exported global adapter (all layers, the largest rank)."""
-        return self.lora_config(self.global_rank, range(self.total_layers))
+    def dataset(self, device: int) -> TokenDataset:
+        """Training data of device ``device``'s first stage."""
+        return self.ctx.data.train[device]
 
-    def make_device(self, device: int, spec: StageSpec, data: TokenDataset) -> Device:
-        if self.ctx.remote is not None:
-            return self.ctx.remote.device(device, spec)
-        name = f"device{device}"
-        self.add_adapter(name, self.config.device_rank(device), spec.layers)
-        seed = derive_seed(self.config.seed, 1, device)
-        return Device(device, Stage(self.model, spec, self.family), name, data, self.config.train, seed)
+    def _remote_workers(self) -> dict[str, WorkerHandle]:
+        remote = self.ctx.remote
+        if remote is None:
+            return {}
+        handles = {}
+        for route in self.topo.routes:
+            name = route.first.worker
+            aggregator_hop = Hop(name, self.topo.aggregator)
+            hop = route.hops[0] if route.hops else aggregator_hop
+            handles[name] = remote.handle(route.device, name, hop, aggregator_hop, self.link)
+        return handles
+
+    def _local_workers(self, remote: set[str]) -> dict[str, WorkerHandle]:
+        copies: dict[str, nn.Module] = {}
+        handles: dict[str, WorkerHandle] = {}
+        first_of = {r.first.key: r.device for r in self.topo.routes}
+        for name, slots in self.topo.workers().items():
+            if name in remote:
+                continue
+            worker = StageWorker(name, self.config.train)
+            for placement in slots:
+                spec = StageSpec(placement.start, placement.end, placement.first, placement.last)
+                model = self.model
+                if placement.base:  # a slot on its own copy of the base weights (loaded once per label)
+                    if placement.base not in copies:
+                        copies[placement.base] = load_stage_model(self.ctx.model_dir, spec)
+                    model = copies[placement.base]
+                adapter = f"{name}__{placement.slot}" if placement.slot != name else name
+                self._add_adapter(model, adapter, self.layout_of(placement))
+                device = first_of.get(placement.key)
+                data = self.dataset(device) if placement.first and device is not None else None
+                seed = derive_seed(self.config.seed, Purpose.BATCHES, device) if device is not None else None
+                worker.add_slot(placement.slot, Stage(model, spec, self.family), adapter, data, seed)
+            handles[name] = LocalWorker(worker)
+        return handles
+
+    # --- building blocks of rounds ---------------------------------------------------------
+    def first(self, device: int) -> tuple[WorkerHandle, StagePlacement]:
+        """The handle and placement of device ``device``'s first stage."""
+        stage = self.topo.routes[device].first
+        return self.workers[stage.worker], stage
 
     def participants(self, round_index: int) -> list[int]:
         count, chosen = self.config.devices.count, self.config.participants_per_round
         if chosen >= count:
             return list(range(count))
-        rng = np.random.default_rng(derive_seed(self.config.seed, 2, round_index))
+        rng = np.random.default_rng(derive_seed(self.config.seed, Purpose.PARTICIPANTS, round_index))
         return sorted(int(u) for u in rng.choice(count, size=chosen, replace=False))
 
     def current_lr(self) -> float:
         return lr_at(self.step_index, self.total_steps, self.config.train)
 
-    def up(self, device: int, message: Message) -> Message:
-        """Deliver ``message`` from ``device`` to the server side (the link counts its bytes)."""
-        return self.link.up(device, message)
-
-    def down(self, device: int, message: Message) -> Message:
-        """Deliver ``message`` to ``device`` (the link counts its bytes)."""
-        return self.link.down(device, message)
-
-    def take_sent(self) -> dict[tuple[int, str], int]:
-        """Bytes per (device, message kind) since the last call: what the simulated clock consumes."""
+    def take_sent(self) -> dict[tuple[int, str, str], int]:
+        """Bytes per (route, hop, message kind) since the last call: what the simulated clock consumes."""
         return self.link.take_sent()
 
-    def attempt(self, device: int, round_index: int, step: int, active: list[int], action: Callable[[], object]) -> object:
-        """Run one exchange with ``device``; if the device is lost, drop it from ``active`` and return None.
+    def attempt(self, device: int, round_index: int, step: int, active: list[int], reply: Callable[[], object]) -> object:
+        """Wait for one exchange with ``device``; if the device is lost, drop it from ``active`` and return None.
 
         Local devices never drop; remote ones (gRPC, Ray) do when they disconnect, miss their
         deadline or send a message that fails the checks. The drop is recorded in metrics.
         """
         try:
-            return action()
+            return reply()
         except DeviceDropped as error:
             if device in active:
                 active.remove(device)
@@ -163,25 +251,71 @@ class Protocol(ABC):
             self.dropped.discard(device)
             self.ctx.log({"kind": "rejoin", "round": round_index, "device": device})
 
-    def log_step(
-        self, round_index: int, step: int, device: int, loss: float, tokens: int, started: float, sim_s: float
-    ) -> None:
+    def log_step(self, round_index: int, step: int, device: int, loss: float, tokens: int, started: float,
+                 sim_s: float) -> None:
         """One step record; ``sim_s``: simulated seconds from step start until ``device`` is done."""
-        up, down = self.link.take_counts(device)
-        self.ctx.log(
-            {
-                "kind": "step",
-                "round": round_index,
-                "step": step,
-                "device": device,
-                "loss": loss,
-                "tokens": tokens,
-                "bytes_up": up,
-                "bytes_down": down,
-                "wall_s": time.perf_counter() - started,
-                "sim_s": sim_s,
-            }
-        )
+        up, down, hops = self.link.take_counts(device)
+        record = {"kind": "step", "round": round_index, "step": step, "device": device, "loss": loss,
+                  "tokens": tokens, "bytes_up": up, "bytes_down": down,
+                  "wall_s": time.perf_counter() - started, "sim_s": sim_s}
+        if len(self.topo.routes[device].hops) > 1:
+            record["bytes_by_hop"] = hops
+        self.ctx.log(record)
+
+    # --- federation: adapters down at round start, up at round end ---------------------------
+    def _slots_of(self, devices: list[int]) -> list[StagePlacement]:
+        """The distinct slots the routes of ``devices`` pass, first stages first."""
+        seen: dict[tuple[str, str], StagePlacement] = {}
+        for depth in range(self.topo.depth()):
+            for u in devices:
+                stages = self.topo.routes[u].stages
+                if depth < len(stages):
+                    seen.setdefault(stages[depth].key, stages[depth])
+        return list(seen.values())
+
+    def _owner(self, stage: StagePlacement) -> int:
+        """The route a slot's adapter traffic is counted for: its device's, unless routes share it."""
+        routes = self.topo.routes_of(stage.key)
+        return routes[0] if len(routes) == 1 else NO_ROUTE
+
+    def download_adapters(self, round_index: int, participants: list[int], active: list[int]) -> None:
+        """Every slot the round's routes pass loads its part of the global adapter."""
+        replies: list[tuple[int, Reply]] = []
+        for stage in self._slots_of(participants):
+            state = self.aggregator.download_for(self.layout_of(stage))
+            message = Message("adapter_download", "aggregator", round_index, 0, state)
+            hop, owner = Hop(self.topo.aggregator, stage.worker), self._owner(stage)
+            delivered = self.net.carry(hop, owner, "down", message)
+            replies.append((owner, self.workers[stage.worker].download(stage.slot, delivered)))
+        for owner, reply in replies:
+            self.attempt(owner, round_index, 0, active, reply.result)
+
+    def upload_adapters(self, round_index: int, active: list[int]) -> list[Upload]:
+        """Every slot the finishing routes passed sends its adapter; each route's full-depth
+        adapter (its slots joined) is one upload, weighted by its device's samples."""
+        slots = self._slots_of(active)
+        replies = {stage.key: self.workers[stage.worker].upload(stage.slot, round_index) for stage in slots}
+        states: dict[tuple[str, str], dict] = {}
+        weights: dict[int, float] = {}
+        for stage in slots:
+            owner = self._owner(stage)
+            message = self.attempt(owner, round_index, 0, active, replies[stage.key].result)
+            if message is None:
+                continue
+            message = self.net.carry(Hop(stage.worker, self.topo.aggregator), owner, "up", message)
+            states[stage.key] = message.tensors
+            if stage.first:
+                weights[self.topo.routes_of(stage.key)[0]] = float(message.values["num_samples"])
+        uploads = []
+        for u in active:
+            stages = self.topo.routes[u].stages
+            if u not in weights or any(s.key not in states for s in stages):
+                continue
+            full_depth = {k: v for s in stages for k, v in states[s.key].items()}
+            layout = AdapterLayout(range(0, stages[-1].end), tuple(self.config.lora.targets),
+                                   max(s.rank for s in stages), self.layout_of(stages[0]).alpha_per_rank)
+            uploads.append(Upload(full_depth, layout, weights[u]))
+        return uploads
 
     # --- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -197,15 +331,28 @@ class Protocol(ABC):
             loss_sum, tokens = loss_sum + float(s), tokens + n
         return loss_sum / max(tokens, 1)
 
+    def global_lora_config(self):
+        """The PEFT config of the exported global adapter (all layers, the largest rank)."""
+        stage = StagePlacement("", "", 0, self.total_layers, True, True, GLOBAL_ADAPTER, self.global_rank)
+        return layout_config(self.family, self.layout_of(stage), self.config.lora.dropout)
+
+    # --- the memory report ----------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Per tier: the peak bytes and trainable parameters of its largest worker."""
+        report = {f"{key}_{tier}{suffix}": 0 for tier in ("device", "server")
+                  for key, suffix in (("peak_mem", "_bytes"), ("trainable_params", ""))}
+        for name, handle in self.workers.items():
+            tier = self.topo.tier_of(name)
+            peak_key, params_key = f"peak_mem_{tier}_bytes", f"trainable_params_{tier}"
+            report[peak_key] = max(report.get(peak_key, 0), handle.peak_bytes())
+            report[params_key] = max(report.get(params_key, 0), handle.trainable_params)
+        return report
+
+    def stop_remote(self) -> None:
+        if self.ctx.remote is not None:
+            self.ctx.remote.stop_all()
+
     # --- what each protocol defines -------------------------------------------------------
     @abstractmethod
-    def build(self) -> None:
-        """Create the roles (devices, server slots) and their adapters."""
-
-    @abstractmethod
     def train_round(self, round_index: int, participants: list[int]) -> None:
-        """Run one round: local steps, then aggregation into ``self.aggregator``."""
-
-    @abstractmethod
-    def memory(self) -> dict[str, int]:
-        """peak_mem_device_bytes, peak_mem_server_bytes, trainable_params_device/server."""
+        """Run one round: adapters down, local steps, adapters up and aggregated."""

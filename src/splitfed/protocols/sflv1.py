@@ -7,20 +7,17 @@ N copies of the server-side base weights: the memory comparison the memsfl paper
 
 from __future__ import annotations
 
-from splitfed.models.loading import load_stage_model
-from splitfed.models.split import Stage
+from splitfed.config import RunConfig
+from splitfed.protocols.memsfl import per_device_server_routes
 from splitfed.protocols.split import SplitProtocol
+from splitfed.registry import register
+from splitfed.topology import Topology
 
 
+@register
 class SplitFedV1(SplitProtocol):
     name = "sflv1"
 
-    def build_server(self) -> None:
-        for u in self.devices:
-            spec = self.server_spec(u)
-            copy = load_stage_model(self.ctx.model_dir, spec)
-            self.add_adapter(f"server{u}", self.config.device_rank(u), spec.layers, model=copy)
-            self.server.add_slot([u], Stage(copy, spec, self.family), f"server{u}")
-
-    def groups(self, participants: list[int]) -> list[list[int]]:
-        return [participants]
+    @classmethod
+    def topology(cls, config: RunConfig, cuts: list[int], total_layers: int) -> Topology:
+        return per_device_server_routes(config, cuts, total_layers, copies=True)

@@ -1,102 +1,181 @@
-"""Round logic shared by the two-tier split protocols (sfl, memsfl, sflv1).
+"""Round logic of every split protocol: routes of two or more stages, whatever the topology.
 
-Per local step, for each group of devices the server serves together:
-  device -> server  activations (hidden, attention mask, labels)
-  server -> device  activation gradient, loss, server grad norm
-  device -> server  device grad norm          (clipping uses the norm over both sides)
-  server -> device  clipping factor; both sides step
-At round end every participant uploads its device LoRA; joined with the server-side
-LoRA that served it, it forms a full-depth adapter, and the aggregator averages those
-layer by layer into the global adapter that devices and server slots load next round.
+Per local step:
+  1. every active device's first stage starts its forward pass (all requests sent, then waited on);
+  2. for each group of routes the server side serves together, in serving order: the group's
+     activations travel up the route, stage by stage (slots of one worker process their
+     routes as one concatenated batch; the last stage computes the loss and its backward),
+     gradients travel back down, and each device backpropagates (again: all sent, then waited);
+  3. clipping uses the norm over every stage of a route: the slots a group's routes share
+     form one clipping set, whose LoRA (server side and devices) steps with one factor.
+A group's clipping waits (so the next group's server work overlaps its devices' backward)
+unless the next group trains one of its server-side slots. At round end every slot uploads
+its adapter, each route's slots form a full-depth adapter, and the aggregator combines them
+layer by layer into the global adapter that every slot loads next round.
 """
 
 from __future__ import annotations
 
 import time
-from abc import abstractmethod
 
-from splitfed.adapters.lora import get_adapter_state, set_adapter_state
-from splitfed.models.split import StageSpec
+from splitfed.optim import clip_scale
 from splitfed.protocols.base import Protocol
-from splitfed.roles.server import Server, ServerSlot
+from splitfed.runtime.futures import Reply
+from splitfed.topology import StagePlacement, groups_share_slots
 from splitfed.wire.messages import Message
 
 
+class _Group:
+    """A served group whose clipping and optimizer steps are still to come."""
+
+    def __init__(self, routes: list[int], norms: dict[int, Reply[Message]], served: list[StagePlacement]) -> None:
+        self.routes = routes
+        self.norms = norms
+        self.served = served
+        """Server-side slots that ran a forward pass for this group."""
+
+    def shares_slot_with(self, routes: list[int], protocol: Protocol) -> bool:
+        keys = {s.key for s in self.served}
+        return any(s.key in keys for u in routes for s in protocol.topo.routes[u].stages[1:])
+
+
 class SplitProtocol(Protocol):
-    def build(self) -> None:
-        for u in range(self.config.devices.count):
-            spec = StageSpec(0, self.ctx.cuts[u], first=True, last=False)
-            self.devices[u] = self.make_device(u, spec, self.ctx.data.train[u])
-        self.server = Server(self.config.train)
-        self.build_server()
-
-    def server_spec(self, device: int) -> StageSpec:
-        return StageSpec(self.ctx.cuts[device], self.total_layers, first=False, last=True)
-
-    @abstractmethod
-    def build_server(self) -> None:
-        """Create the server slots and assign every device to one."""
-
-    @abstractmethod
-    def groups(self, participants: list[int]) -> list[list[int]]:
-        """Devices the server serves together, in serving order."""
-
-    def _load_slot(self, slot: ServerSlot) -> None:
-        set_adapter_state(slot.stage.model, slot.adapter, self.aggregator.slice(slot.stage.spec.layers))
-
     def train_round(self, round_index: int, participants: list[int]) -> None:
-        devices, server, clock = self.devices, self.server, self.clock
+        clock = self.clock
         clock.begin_round(round_index, participants)
         active = list(participants)  # devices still in the round (remote ones may drop)
-        for u in participants:
-            state = self.aggregator.slice(devices[u].layers)
-            download = Message("adapter_download", "aggregator", round_index, 0, state)
-            self.attempt(u, round_index, 0, active, lambda: devices[u].download(self.down(u, download)))
-        for slot in {id(server.slots[u]): server.slots[u] for u in active}.values():
-            self._load_slot(slot)
-        clock.transfer(self.take_sent(), "down")
-
+        self.download_adapters(round_index, participants, active)
+        clock.transfer(self.take_sent())
         self.link.clear_pending()  # adapter downloads are counted per round, not per step
         for step in range(self.config.train.local_steps):
             started, lr = time.perf_counter(), self.current_lr()
-            groups = self.groups(list(active))
+            groups = type(self).groups(self.config, clock, list(active), self.step_index)
+            forwards = {u: self._first_forward(u, round_index, step) for u in active}
+            self._losses: dict[int, tuple[float, int]] = {}
+            pending: list[_Group] = []
             for group in groups:
-                arrivals = []
-                for u in group:
-                    sent = self.attempt(u, round_index, step, active, lambda: devices[u].forward(round_index, step))
-                    if sent is not None:
-                        arrivals.append((u, self.up(u, sent)))
-                gradients = server.process(arrivals)
-                norms = {}
-                for u, _ in arrivals:
-                    reply = self.attempt(u, round_index, step, active,
-                                         lambda: devices[u].backward(self.down(u, gradients[u])))
-                    if reply is not None:
-                        norms[u] = self.up(u, reply)
-                for u, scale in server.finish(norms, lr).items():
-                    self.attempt(u, round_index, step, active, lambda: devices[u].apply(self.down(u, scale), lr))
-            slots = len({id(server.slots[u]) for u in participants})
-            one_slot_rank = self.global_rank if len(server.unique_slots()) == 1 else None
-            done = clock.split_step(groups, self.take_sent(), slots < len(groups), one_slot_rank)
+                waiting = [g for g in pending if g.shares_slot_with(group, self)]
+                for done in waiting:
+                    self._clip_and_step(done, round_index, step, lr, active)
+                pending = [g for g in pending if g not in waiting]
+                pending.append(self._serve(group, forwards, round_index, step, active))
+            for done in pending:
+                self._clip_and_step(done, round_index, step, lr, active)
+            finished = clock.split_step(groups, self.take_sent(), groups_share_slots(self.topo.server_side_slots(), groups))
             for u in active:
-                self.log_step(round_index, step, u, devices[u].last_loss, devices[u].last_tokens, started, done[u])
+                self.log_step(round_index, step, u, *self._losses[u], started, finished[u])
             self.step_index += 1
 
-        uploads = []
-        for u in list(active):
-            upload = self.attempt(u, round_index, 0, active, lambda: self.up(u, devices[u].upload(round_index)))
-            if upload is not None:
-                slot = server.slots[u]
-                full_depth = {**upload.tensors, **get_adapter_state(slot.stage.model, slot.adapter)}
-                uploads.append((full_depth, float(upload.values["num_samples"])))
-        clock.transfer(self.take_sent(), "up")
+        uploads = self.upload_adapters(round_index, active)
+        clock.transfer(self.take_sent())
         self.require_quorum(round_index, participants, active)
         self.aggregator.aggregate(uploads)
 
-    def memory(self) -> dict[str, int]:
-        return {
-            "peak_mem_device_bytes": max(d.peak_bytes() for d in self.devices.values()),
-            "peak_mem_server_bytes": self.server.peak_bytes(),
-            "trainable_params_device": max(d.trainable_params for d in self.devices.values()),
-            "trainable_params_server": self.server.trainable_params,
-        }
+    # --- one step -------------------------------------------------------------------------
+    def _first_forward(self, device: int, round_index: int, step: int) -> Reply[Message]:
+        handle, stage = self.first(device)
+        return handle.forward(stage.slot, round_index, step)
+
+    def _serve(self, group: list[int], forwards: dict[int, Reply[Message]], round_index: int, step: int,
+               active: list[int]) -> _Group:
+        """Activations of ``group`` up the server-side stages and gradients back to its devices."""
+        arrivals: dict[int, Message] = {}
+        for u in group:
+            message = self.attempt(u, round_index, step, active, forwards[u].result)
+            if message is not None:
+                arrivals[u] = self.net.carry(self.topo.routes[u].hops[0], u, "up", message)
+        if not arrivals:
+            return _Group([], {}, [])
+        served = self._slots_of(list(arrivals))
+        served = [s for s in served if not s.first]
+        grads = self._server_side(arrivals)
+        norms = {}
+        for u, grad in grads.items():
+            handle, stage = self.first(u)
+            delivered = self.net.carry(self.topo.routes[u].hops[0].reverse(), u, "down", grad)
+            norms[u] = handle.backward(stage.slot, delivered)
+        self._losses.update({u: (float(g.values["loss"]), int(g.values["tokens"])) for u, g in grads.items()})
+        return _Group(list(arrivals), norms, served)
+
+    def _server_side(self, arrivals: dict[int, Message]) -> dict[int, Message]:
+        """Forward through stages 1..K-1 (the last computes loss and backward), then backward through
+        the middle stages; returns each route's gradient for its first stage's output."""
+        routes = self.topo.routes
+        depth = len(routes[next(iter(arrivals))].stages)
+        if any(len(routes[u].stages) != depth for u in arrivals):
+            raise ValueError("routes served in one group must have the same number of stages")
+        current = arrivals
+        for k in range(1, depth):
+            replies = self._each_worker(current, k, "forward_group")
+            if k == depth - 1:
+                current = replies
+                break
+            current = {u: self.net.carry(routes[u].hops[k], u, "up", m) for u, m in replies.items()}
+        for k in range(depth - 2, 0, -1):
+            delivered = {u: self.net.carry(routes[u].hops[k].reverse(), u, "down", m) for u, m in current.items()}
+            current = self._each_worker(delivered, k, "backward_group")
+        return current
+
+    def _each_worker(self, messages: dict[int, Message], k: int, op: str) -> dict[int, Message]:
+        """Send the messages at stage ``k`` to their workers (each gets its slots' arrivals at
+        once; different workers run at the same time), then collect the replies."""
+        by_worker: dict[str, dict[str, list[tuple[int, Message]]]] = {}
+        for u, message in messages.items():
+            stage = self.topo.routes[u].stages[k]
+            by_worker.setdefault(stage.worker, {}).setdefault(stage.slot, []).append((u, message))
+        replies = [getattr(self.workers[w], op)(groups) for w, groups in by_worker.items()]
+        return {u: m for reply in replies for u, m in reply.result().items()}
+
+    def _clip_and_step(self, group: _Group, round_index: int, step: int, lr: float, active: list[int]) -> None:
+        """Clip on the norm over every stage of the routes that share slots, then step them all."""
+        device_sq: dict[int, float] = {}
+        for u in group.routes:
+            reply = self.attempt(u, round_index, step, active, group.norms[u].result)
+            if reply is not None:
+                reply = self.net.carry(self.topo.routes[u].hops[0], u, "up", reply)
+                device_sq[u] = float(reply.values["sq_norm"])
+        max_norm = self.config.train.max_grad_norm
+        stepped: set[tuple[str, str]] = set()
+        acks = []
+        for routes, slots in self._clipping_sets(list(device_sq), group.served):
+            total_sq = sum(self.workers[s.worker].sq_norm(s.slot) for s in slots)
+            total_sq += sum(device_sq[u] for u in routes)
+            scale = clip_scale(total_sq, max_norm)
+            for s in slots:
+                self.workers[s.worker].apply(s.slot, Message("clip_scale", s.worker, round_index, step,
+                                                             values={"scale": scale}), lr).result()
+                stepped.add(s.key)
+            for u in routes:
+                handle, stage = self.first(u)
+                message = Message("clip_scale", self.topo.routes[u].stages[1].worker, round_index, step,
+                                  values={"scale": scale})
+                delivered = self.net.carry(self.topo.routes[u].hops[0].reverse(), u, "down", message)
+                acks.append((u, handle.apply(stage.slot, delivered, lr)))
+        for s in group.served:  # every route of the slot dropped out after its forward: no step
+            if s.key not in stepped:
+                self.workers[s.worker].discard(s.slot)
+        for u, ack in acks:
+            self.attempt(u, round_index, step, active, ack.result)
+
+    def _clipping_sets(self, routes: list[int], served: list[StagePlacement]) -> list[tuple[list[int], list[StagePlacement]]]:
+        """Routes joined by the server-side slots they share (union-find), with those slots."""
+        served_keys = {s.key: s for s in served}
+        parent: dict[object, object] = {}
+
+        def find(x: object) -> object:
+            while parent.setdefault(x, x) != x:
+                x = parent[x]
+            return x
+
+        for u in routes:
+            for s in self.topo.routes[u].stages[1:]:
+                if s.key in served_keys:
+                    parent[find(("route", u))] = find(s.key)
+        sets: dict[object, tuple[list[int], list[StagePlacement]]] = {}
+        for u in routes:
+            sets.setdefault(find(("route", u)), ([], []))[0].append(u)
+        for key, stage in served_keys.items():
+            root = find(key)
+            if root in sets:
+                sets[root][1].append(stage)
+        return list(sets.values())

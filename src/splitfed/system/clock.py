@@ -1,14 +1,19 @@
 """Simulated clock: the time a run would take on the configured devices, server and channel.
 
-The protocols tell the clock what happened (who computed which stage, which bytes crossed
-the link, in which order the server served whom); the clock turns it into seconds with
-the cost model (FLOPs / FLOP/s, bits / rate). Order of events of one split step, for each
-group of devices the server serves together, in serving order:
+The clock reads the run's topology (routes of stages over hops, ``splitfed.topology``) and
+is told what happened (which bytes crossed which hop, which groups were served in which
+order); it turns that into seconds with the cost model (FLOPs / FLOP/s, bits / rate). A
+device's access hop is priced by the wireless channel, a hop between two server-side
+workers by the wired backhaul (``system.backhaul_gbps``). Order of events of one split step,
+for each group of routes served together, in serving order:
 
-    device forward (devices in parallel) -> uplink activations -> server forward + backward
-    (starts when the group's activations are all in and the server is free) -> downlink
-    activation gradient -> device backward -> uplink grad norm -> server steps the slot
-    -> downlink clipping factor.
+    first-stage forward (devices in parallel) -> uplink activations -> later stages forward,
+    each after the previous hop (the last also computes the loss and its backward; it starts
+    when the group's activations are all in and the server side is free) -> middle stages'
+    backward -> downlink activation gradient -> device backward -> uplink grad norm -> the
+    server-side slots step -> downlink clipping factor.
+
+Stages of one step index on different workers run in parallel; slots of one worker share it.
 
 The server is free for the next group once it has sent the gradients, unless the next
 group trains the same server-side LoRA (sfl sequential): then it must first step it, which
@@ -30,6 +35,7 @@ from splitfed.system.channel import Channel, equal_assignment, split_power
 from splitfed.system.costs import Flops, layer_costs, server_memory_bytes, stage_flops, stage_memory
 from splitfed.system.profiles import DeviceProfile, population, server_profile
 from splitfed.system.traffic import step_bytes
+from splitfed.topology import StagePlacement, Topology
 
 BITS = 8
 
@@ -44,15 +50,18 @@ class Timing:
 
 
 class Clock:
-    def __init__(self, config: RunConfig, model_config: PretrainedConfig, cuts: list[int]) -> None:
+    def __init__(self, config: RunConfig, model_config: PretrainedConfig, topology: Topology) -> None:
         system = config.system
         self.seed = config.seed if system.seed is None else system.seed
         self.costs = layer_costs(model_config, config.lora.targets)
         self.total_layers = num_layers(model_config)
         self.config = config
-        self.cuts = cuts
+        self.topology = topology
+        self.routes = topology.routes
+        self._device_of = {route.first.worker: route.device for route in self.routes}
         self.devices: list[DeviceProfile] = population(config.devices.count, self.seed, system.device_classes)
         self.server = server_profile(system.server)
+        self.backhaul_bps = system.backhaul_gbps * 1e9
         subchannels = system.subchannels or max(16, config.participants_per_round)
         self.channel = Channel(subchannels, system.subchannel_hz, system.noise_dbm_per_hz, system.fading)
         self.up_bps: dict[int, float] = {}
@@ -106,15 +115,23 @@ class Clock:
             self.up_bps[u], self.down_bps[u] = float(up[i]), float(down[i])
         self.round_s = 0.0
 
-    def transfer(self, sent: Mapping[tuple[int, str], int], direction: str) -> None:
-        """Adapter downloads (``"down"``) or uploads (``"up"``) of a round, devices in parallel."""
-        seconds = self.down_s if direction == "down" else self.up_s
-        totals: dict[int, int] = {}
-        for (u, _), nbytes in sent.items():
-            totals[u] = totals.get(u, 0) + nbytes
-        self.round_s += max((seconds(u, n) for u, n in totals.items()), default=0.0)
+    def transfer(self, sent: Mapping[tuple[int, str, str], int]) -> None:
+        """Adapter downloads or uploads of a round: every hop in parallel."""
+        totals: dict[str, int] = {}
+        for (_, hop, _), nbytes in sent.items():
+            totals[hop] = totals.get(hop, 0) + nbytes
+        self.round_s += max((self.hop_s(hop, n) for hop, n in totals.items()), default=0.0)
 
     # --- costs --------------------------------------------------------------------------
+    def hop_s(self, hop: str, nbytes: float) -> float:
+        """Seconds to send ``nbytes`` over hop ``"src->dst"``: a device's wireless link, else the backhaul."""
+        src, dst = hop.split("->", 1)
+        if src in self._device_of:
+            return self.up_s(self._device_of[src], nbytes)
+        if dst in self._device_of:
+            return self.down_s(self._device_of[dst], nbytes)
+        return nbytes * BITS / self.backhaul_bps
+
     def up_s(self, device: int, nbytes: float) -> float:
         return nbytes * BITS / self.up_bps[device]
 
@@ -124,25 +141,63 @@ class Clock:
     def _batch(self) -> tuple[int, int]:
         return self.config.train.batch_size, self.config.train.seq_len
 
-    def device_flops(self, device: int) -> Flops:
-        """FLOPs of one step of the device's stage (the whole model when it holds no cut)."""
+    def stage_flops(self, stage: StagePlacement) -> Flops:
+        """FLOPs of one step of one route's batch through ``stage``."""
         batch, seq = self._batch()
-        rank = self.config.device_rank(device)
-        if not self.cuts:
-            return stage_flops(self.costs, self.total_layers, batch, seq, rank, first=True, last=True)
-        return stage_flops(self.costs, self.cuts[device], batch, seq, rank, first=True, last=False)
+        return stage_flops(self.costs, stage.end - stage.start, batch, seq, stage.rank, stage.first, stage.last)
 
-    def server_s(self, devices: list[int], rank: int | None = None) -> float:
-        """Server forward + backward for the batches of ``devices`` (rank: of the slot, default per device)."""
-        batch, seq = self._batch()
-        flops = sum(
-            stage_flops(
-                self.costs, self.total_layers - self.cuts[u], batch, seq,
-                rank or self.config.device_rank(u), first=False, last=True,
-            ).total
-            for u in devices
-        )
-        return flops / self.server.flops
+    def speed(self, stage: StagePlacement, device: int) -> float:
+        """FLOP/s of the machine that runs ``stage`` of ``device``'s route."""
+        return self.devices[device].flops if stage.tier == "device" else self.server.flops
+
+    def device_flops(self, device: int) -> Flops:
+        """FLOPs of one step of the device's first stage (the whole model when it holds no cut)."""
+        return self.stage_flops(self.routes[device].first)
+
+    def _stage_s(self, devices: list[int], k: int, part: str) -> float:
+        """Seconds of stage ``k`` (``forward``, ``backward`` or ``total``) for the routes of ``devices``:
+        workers in parallel, the routes of one worker one after another."""
+        per_worker: dict[str, float] = {}
+        for u in devices:
+            stages = self.routes[u].stages
+            if k < len(stages):
+                stage = stages[k]
+                flops = getattr(self.stage_flops(stage), part)
+                per_worker[stage.worker] = per_worker.get(stage.worker, 0.0) + flops / self.speed(stage, u)
+        return max(per_worker.values(), default=0.0)
+
+    def _hop_step_s(self, devices: list[int], k: int, kind: str, sent: Mapping[tuple[int, str, str], int],
+                    reverse: bool = False) -> float:
+        """Seconds to carry ``kind`` over the hops stage k -> k + 1 (reversed: back) of ``devices``' routes."""
+        totals: dict[str, int] = {}
+        for u in devices:
+            hops = self.routes[u].hops
+            if k < len(hops):
+                hop = hops[k].reverse() if reverse else hops[k]
+                totals[hop.name] = totals.get(hop.name, 0) + sent.get((u, hop.name, kind), 0)
+        return max((self.hop_s(hop, n) for hop, n in totals.items()), default=0.0)
+
+    def server_s(self, devices: list[int], sent: Mapping[tuple[int, str, str], int] | None = None) -> float:
+        """Seconds the server side needs for the batches of ``devices``: the stages after the first
+        forward up the route, the last stage's forward and backward, backward down again, and the
+        backhaul hops between server-side stages (bytes as counted in ``sent``, else predicted)."""
+        depth = max(len(self.routes[u].stages) for u in devices)
+        sent = self._predicted_hop_bytes(devices) if sent is None and depth > 2 else sent or {}
+        seconds = self._stage_s(devices, depth - 1, "total")
+        for k in range(1, depth - 1):  # middle stages: forward + backward, and the hop to the next stage
+            seconds += self._stage_s(devices, k, "total") + self._hop_step_s(devices, k, "activations", sent)
+            seconds += self._hop_step_s(devices, k, "activation_grad", sent, reverse=True)
+        return seconds
+
+    def _predicted_hop_bytes(self, devices: list[int]) -> dict[tuple[int, str, str], int]:
+        """Uncompressed activations and gradients on the server-side hops of ``devices``' routes."""
+        sent = {}
+        for u in devices:
+            sizes = step_bytes(self.costs, u, *self._batch())
+            for hop in self.routes[u].hops[1:]:
+                sent[(u, hop.name, "activations")] = sizes["activations"]
+                sent[(u, hop.reverse().name, "activation_grad")] = sizes["activation_grad"]
+        return sent
 
     def step_bytes(self, device: int) -> dict[str, int]:
         """Predicted encoded bytes of each message kind of one split step of ``device``."""
@@ -166,54 +221,67 @@ class Clock:
 
     # --- steps --------------------------------------------------------------------------
     def split_step(
-        self, groups: list[list[int]], sent: Mapping[tuple[int, str], int], shared_slot: bool, slot_rank: int | None = None
+        self, groups: list[list[int]], sent: Mapping[tuple[int, str, str], int], shared_slot: bool
     ) -> dict[int, float]:
         """Seconds from step start until each device has applied its update; advances the round.
 
-        ``sent``: bytes per (device, message kind) the link counted in this step; a kind missing
-        for a device (it dropped out during the step) counts as nothing sent.
+        ``sent``: bytes per (route, hop, message kind) the links counted in this step; a kind
+        missing for a route (it dropped out during the step) counts as nothing sent.
+        ``shared_slot``: consecutive groups train a common server-side slot, so the next group
+        waits until that slot has stepped.
         """
         free, done_at = 0.0, {}
         for group in groups:
             flops = {u: self.device_flops(u) for u in group}
             speed = {u: self.devices[u].flops for u in group}
-            arrived = max(flops[u].forward / speed[u] + self.up_s(u, sent.get((u, "activations"), 0)) for u in group)
-            computed = max(free, arrived) + self.server_s(group, slot_rank)
+            up = {u: self.routes[u].hops[0].name for u in group}
+            down = {u: self.routes[u].hops[0].reverse().name for u in group}
+            arrived = max(flops[u].forward / speed[u] + self.up_s(u, sent.get((u, up[u], "activations"), 0))
+                          for u in group)
+            computed = max(free, arrived) + self.server_s(group, sent)
             norms_in = {
-                u: computed + self.down_s(u, sent.get((u, "activation_grad"), 0)) + flops[u].backward / speed[u]
-                + self.up_s(u, sent.get((u, "grad_norm"), 0))
+                u: computed + self.down_s(u, sent.get((u, down[u], "activation_grad"), 0))
+                + flops[u].backward / speed[u] + self.up_s(u, sent.get((u, up[u], "grad_norm"), 0))
                 for u in group
             }
             stepped = max(norms_in.values())
-            done_at.update({u: stepped + self.down_s(u, sent.get((u, "clip_scale"), 0)) for u in group})
+            done_at.update({u: stepped + self.down_s(u, sent.get((u, down[u], "clip_scale"), 0)) for u in group})
             free = stepped if shared_slot else computed
         self.round_s += max(done_at.values(), default=0.0)  # no devices left: nothing happened
         return done_at
 
-    def local_step(self, devices: list[int], on_server: bool) -> dict[int, float]:
-        """Whole-model steps, in parallel on the devices (or on the server: centralized)."""
-        seconds = {
-            u: self.device_flops(u).total / (self.server.flops if on_server else self.devices[u].flops) for u in devices
-        }
+    def local_step(self, devices: list[int]) -> dict[int, float]:
+        """Whole-model steps, in parallel on the machines that run them."""
+        seconds = {u: self.device_flops(u).total / self.speed(self.routes[u].first, u) for u in devices}
         self.round_s += max(seconds.values(), default=0.0)
         return seconds
 
 
-def predicted_memory(config: RunConfig, model_config: PretrainedConfig, cuts: list[int]) -> dict[str, int]:
-    """Predicted peak bytes of the largest device and of the server for a run of ``config``."""
+def predicted_memory(
+    config: RunConfig, model_config: PretrainedConfig, topology: Topology, together: bool
+) -> dict[str, int]:
+    """Predicted peak bytes of the largest first-stage worker and of the largest server-side worker.
+
+    ``together``: the routes of a round are served as one group (slots' activations coexist,
+    a shared slot trains on all of the round's batches at once); else one at a time.
+    """
     costs = layer_costs(model_config, config.lora.targets)
     total = num_layers(model_config)
     batch, seq = config.train.batch_size, config.train.seq_len
-    ranks = [config.device_rank(u) for u in range(config.devices.count)]
-    if not cuts:
-        device = max(stage_memory(costs, total, r, batch, seq, first=True, last=True).total for r in ranks)
-        return {"peak_mem_device_bytes": int(device), "peak_mem_server_bytes": 0}
-    device = max(stage_memory(costs, cut, r, batch, seq, first=True, last=False).total for cut, r in zip(cuts, ranks))
-    if config.protocol == "sfl":
-        together = config.participants_per_round if config.server.mode == "parallel" else 1
-        slots, copies, parallel = [(cuts[0], max(ranks), batch * together)], False, True
-    else:  # memsfl: one base, one device at a time; sflv1: a copy per device, in parallel
-        parallel = copies = config.protocol == "sflv1"
-        slots = [(cut, r, batch) for cut, r in zip(cuts, ranks)]
-    server = server_memory_bytes(costs, total, slots, seq, copies=copies, parallel=parallel)
-    return {"peak_mem_device_bytes": int(device), "peak_mem_server_bytes": server}
+    firsts = {"device": [0.0], "server": [0.0]}
+    for r in topology.routes:
+        stage = r.first
+        firsts.setdefault(stage.tier, [0.0]).append(
+            stage_memory(costs, stage.end - stage.start, stage.rank, batch, seq, True, stage.last).total)
+    device = max(firsts["device"])
+    servers = [int(m) for m in firsts["server"]]
+    per_round = config.participants_per_round
+    first_workers = {r.first.worker for r in topology.routes}
+    for worker, slots in topology.workers().items():
+        if worker in first_workers or not all(s.last for s in slots):
+            continue  # middle stages are measured, not predicted
+        sized = [(s.start, s.rank, batch * (min(len(topology.routes_of(s.key)), per_round) if together else 1))
+                 for s in slots]
+        copies = len({s.base for s in slots}) > 1
+        servers.append(server_memory_bytes(costs, total, sized, seq, copies=copies, parallel=together))
+    return {"peak_mem_device_bytes": int(device), "peak_mem_server_bytes": max(servers)}

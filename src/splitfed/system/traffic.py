@@ -53,7 +53,7 @@ def _step_bytes(hidden: int, batch: int, seq: int, sender: str, activations: str
                 exact: bool) -> tuple[int, int, int, int]:
     tokens = {name: torch.zeros(batch, seq, dtype=torch.long) for name in ("attention_mask", "labels")}
     up = Message("activations", sender, 0, 0, {"hidden": _sample(batch, seq, hidden), **tokens})
-    grad_values = {"loss": _FLOAT, "tokens": batch * (seq - 1), "server_sq_norm": _FLOAT}
+    grad_values = {"loss": _FLOAT, "tokens": batch * (seq - 1), "grad_scale": _FLOAT}
     down = Message("activation_grad", "server", 0, 0, {"grad": _sample(batch, seq, hidden)}, grad_values)
     return (
         _message_bytes(up, activations, exact),

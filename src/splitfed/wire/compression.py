@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,8 +31,15 @@ import torch
 from splitfed.wire.codecs import PAYLOAD, CodecError, Encoded, ErrorFeedback, Pipeline, parse_pipeline
 from splitfed.wire.messages import Message
 
-if TYPE_CHECKING:
-    from splitfed.config import CompressionSection
+
+
+class CompressionSpecs(Protocol):
+    """What the codec reads of a run's ``compression`` config section."""
+
+    error_feedback: bool
+
+    def pipeline_spec(self, stream: str, device: int) -> str: ...
+
 
 # message kind -> (stream, tensor it compresses; None: every tensor)
 ROUTES: dict[str, tuple[str, str | None]] = {
@@ -69,7 +76,7 @@ def routed(message: Message) -> list[str]:
 class MessageCodec:
     """Packs and unpacks the compressed tensors of messages, and tallies compression statistics."""
 
-    def __init__(self, compression: CompressionSection, seed: int) -> None:
+    def __init__(self, compression: CompressionSpecs, seed: int) -> None:
         self.compression = compression
         self.seed = seed
         self._pipelines: dict[str, Pipeline] = {}

@@ -25,13 +25,15 @@ class MessageError(ValueError):
 
 # kind -> (required tensor names, required value names)
 SCHEMAS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    # device -> server: output of the device stage plus what the server needs for the loss
+    # stage k -> stage k + 1: output of stage k plus what the last stage needs for the loss
     "activations": (frozenset({"hidden", "attention_mask", "labels"}), frozenset()),
-    # server -> device: d loss_u / d hidden, the loss, and the server's squared grad norm
-    "activation_grad": (frozenset({"grad"}), frozenset({"loss", "tokens", "server_sq_norm"})),
-    # device -> server: the device's squared grad norm (for clipping over both sides)
+    # stage k + 1 -> stage k: gradient of the group's mean loss w.r.t. the hidden states, the
+    # route's loss and tokens, and grad_scale = group tokens / route tokens (the first stage
+    # multiplies by it, so it steps on its own mean loss)
+    "activation_grad": (frozenset({"grad"}), frozenset({"loss", "tokens", "grad_scale"})),
+    # first stage -> server: its squared grad norm (for clipping over the whole route)
     "grad_norm": (frozenset(), frozenset({"sq_norm"})),
-    # server -> device: factor to multiply the gradients by before the optimizer step
+    # server -> every stage: factor to multiply the gradients by before the optimizer step
     "clip_scale": (frozenset(), frozenset({"scale"})),
     # device -> aggregator: local adapter after the round, with its sample weight
     "adapter_upload": (frozenset(), frozenset({"num_samples"})),

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from splitfed.seeding import derive_seed
+from splitfed.seeding import Purpose, derive_seed
 
 if TYPE_CHECKING:
     from splitfed.system.clock import Clock
@@ -147,5 +147,5 @@ def serving_order(clock: Clock, participants: list[int], scheduler: str, seed: i
     ``scheduler`` applied to the clock's predicted timings (random draws seeded per step)."""
     timings = [clock.timing(u) for u in participants]
     jobs = [Job(t.head_s, t.server_s, t.tail_s) for t in timings]
-    rng = np.random.default_rng(derive_seed(seed, 4, step_index))
+    rng = np.random.default_rng(derive_seed(seed, Purpose.SCHEDULE, step_index))
     return [participants[j] for j in schedule(scheduler, jobs, rng)]

@@ -1,0 +1,294 @@
+"""The stage worker: one role for any stage of a route (first, middle or last).
+
+A worker owns stages of one base model and, per *slot*, a named LoRA adapter with its
+optimizer. A first-stage slot also owns its data (a batch stream); a last-stage slot computes
+the loss. Device, server, edge and cloud are stage workers in different places. A worker
+reacts to messages and returns messages; it holds no transport code.
+
+One split step of a group of routes, seen from the workers:
+  first     ``forward``        -> activations (hidden, attention mask, labels)
+  middle    ``forward_group``  -> activations for the next stage (per route)
+  last      ``forward_group``  -> loss, backward, activation gradients (per route)
+  middle    ``backward_group`` -> activation gradients for the previous stage (per route)
+  first     ``backward``       -> its squared grad norm
+  all       ``apply``          -> step with the clipping factor over the whole route
+The last stage's gradients are those of the group's token-mean loss; each route's gradient
+carries ``grad_scale`` = group tokens / route tokens, which the first stage applies, so a
+device's update is that of its own mean loss (it does not shrink with the group's size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from splitfed.adapters.lora import (
+    activate,
+    adapter_parameters,
+    get_adapter_state,
+    lora_layers,
+    set_adapter_state,
+)
+from splitfed.config import TrainSection
+from splitfed.data.batches import BatchStream, TokenDataset
+from splitfed.models.split import Stage, position_ids_for, token_loss_sum
+from splitfed.optim import apply_step, clip_scale, grad_sq_norm, make_optimizer
+from splitfed.roles.accounting import ActivationMeter, module_tensors, optimizer_tensors, unique_bytes
+from splitfed.wire.messages import Message
+from splitfed.wire.state import flatten, unflatten
+
+Arrivals = list[tuple[int, Message]]
+"""(route, message) pairs for one slot, in the order the protocol serves them."""
+
+
+def base_tensors(stage: Stage) -> list[torch.Tensor]:
+    """The frozen base weights a stage needs (adapters excluded)."""
+    return [
+        t
+        for module in stage.owned_modules()
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if ".lora_" not in f".{name}"
+    ]
+
+
+@dataclass
+class _Pending:
+    """What a middle or first stage keeps between forward and backward."""
+
+    routes: list[int]
+    sizes: list[int]
+    inputs: torch.Tensor | None
+    """(batch, seq, hidden) input that requires grad (None on a first stage)."""
+    outputs: torch.Tensor
+    """(batch, seq, hidden) output whose gradient comes back."""
+    passthrough: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Slot:
+    name: str
+    stage: Stage
+    adapter: str
+    """Name of the PEFT adapter in the stage's model."""
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lora_layers: list
+    held_tensors: list[torch.Tensor]
+    """Every tensor of the slot's modules (excluded from the saved-activation count)."""
+    stream: BatchStream | None = None
+    num_samples: int = 0
+    sq_norm: float = 0.0
+    pending: _Pending | None = None
+    last_loss: float = float("nan")
+    last_tokens: int = 0
+
+    def discard_pending(self) -> None:
+        """Drop what an unfinished step left: gradients whose optimizer step never came, a forward's graph."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = None
+
+
+class StageWorker:
+    def __init__(self, name: str, train: TrainSection) -> None:
+        self.name = name
+        self.train = train
+        self.slots: dict[str, Slot] = {}
+        self.meter = ActivationMeter()
+
+    def add_slot(
+        self, name: str, stage: Stage, adapter: str, data: TokenDataset | None = None, seed: int | None = None
+    ) -> Slot:
+        """Train adapter ``adapter`` of ``stage``'s model in slot ``name``; a first stage reads ``data``."""
+        params = list(adapter_parameters(stage.model, adapter).values())
+        layers = [m for owned in stage.owned_modules() for m in lora_layers(owned)]
+        slot = Slot(name, stage, adapter, params, make_optimizer(params, self.train), layers,
+                    module_tensors(stage.owned_modules()))
+        if data is not None:
+            slot.stream = BatchStream(data, self.train.batch_size, seed if seed is not None else 0)
+            slot.num_samples = len(data)
+        self.slots[name] = slot
+        return slot
+
+    def slot(self, name: str | None) -> Slot:
+        if name is None and len(self.slots) == 1:
+            return next(iter(self.slots.values()))
+        if name not in self.slots:
+            raise KeyError(f"{self.name}: no slot {name!r}; it has {sorted(self.slots)}")
+        return self.slots[name]
+
+    # --- first stage --------------------------------------------------------------------
+    def forward(self, slot_name: str | None, round_index: int, step: int) -> Message:
+        """Run the first stage on the slot's next batch; the activations go up the route."""
+        slot = self.slot(slot_name)
+        slot.discard_pending()
+        activate(slot.lora_layers, [slot.adapter])
+        batch = slot.stream.next_batch()
+        with self.meter.measure(exclude=slot.held_tensors):
+            hidden = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
+        self.meter.record(self.meter.last)
+        slot.pending = _Pending([], [hidden.shape[0]], None, hidden)  # (batch, seq, hidden)
+        tensors = {"hidden": hidden, "attention_mask": batch.attention_mask, "labels": batch.labels}
+        return Message("activations", self.name, round_index, step, tensors)
+
+    def backward(self, slot_name: str | None, message: Message) -> Message:
+        """Backpropagate the activation gradient (times its ``grad_scale``); report the squared grad norm."""
+        slot = self.slot(slot_name)
+        if slot.pending is None:
+            raise RuntimeError(f"{self.name}: activation gradient without a pending forward pass")
+        grad = message.tensors["grad"]
+        scale = float(message.values["grad_scale"])
+        slot.pending.outputs.backward(grad * scale if scale != 1.0 else grad)
+        slot.pending = None
+        slot.last_loss = float(message.values["loss"])
+        slot.last_tokens = int(message.values["tokens"])
+        slot.sq_norm = grad_sq_norm(slot.params)
+        return Message("grad_norm", self.name, message.round, message.step, values={"sq_norm": slot.sq_norm})
+
+    # --- middle and last stages ---------------------------------------------------------
+    def forward_group(self, groups: dict[str, Arrivals]) -> dict[int, Message]:
+        """Forward the arrivals of each slot as one concatenated batch (slots of one call run in
+        parallel: their saved activations coexist). A last stage also computes the loss and
+        backward and returns activation gradients; a middle stage returns its activations."""
+        replies: dict[int, Message] = {}
+        saved = 0
+        for slot_name, arrivals in groups.items():
+            slot = self.slot(slot_name)
+            slot.discard_pending()
+            replies.update(self._forward_slot(slot, arrivals))
+            saved += self.meter.last
+        self.meter.record(saved)
+        return replies
+
+    def _forward_slot(self, slot: Slot, arrivals: Arrivals) -> dict[int, Message]:
+        activate(slot.lora_layers, [slot.adapter])
+        messages = [m for _, m in arrivals]
+        hidden = torch.cat([m.tensors["hidden"] for m in messages]).requires_grad_(True)  # (batch, seq, hidden)
+        mask = torch.cat([m.tensors["attention_mask"] for m in messages])
+        labels = torch.cat([m.tensors["labels"] for m in messages])
+        sizes = [m.tensors["hidden"].shape[0] for m in messages]
+        routes = [r for r, _ in arrivals]
+        if not slot.stage.spec.last:
+            with self.meter.measure(exclude=slot.held_tensors):
+                out = slot.stage(hidden, mask, position_ids_for(mask))
+            slot.pending = _Pending(routes, sizes, hidden, out)
+            return {
+                r: Message("activations", self.name, m.round, m.step,
+                           {"hidden": h, "attention_mask": m.tensors["attention_mask"], "labels": m.tensors["labels"]})
+                for r, m, h in zip(routes, messages, out.split(sizes))
+            }
+        with self.meter.measure(exclude=slot.held_tensors):  # the loss's log-softmax is saved too
+            logits = slot.stage(hidden, mask, position_ids_for(mask))
+            sums, counts = zip(*(token_loss_sum(lg, lb) for lg, lb in zip(logits.split(sizes), labels.split(sizes))))
+        total_tokens = max(sum(counts), 1)
+        (sum(sums) / total_tokens).backward()
+        slot.sq_norm = grad_sq_norm(slot.params)
+        replies = {}
+        for route, message, grad, loss_sum, count in zip(routes, messages, hidden.grad.split(sizes), sums, counts):
+            values = {"loss": loss_sum.item() / max(count, 1), "tokens": count,
+                      "grad_scale": total_tokens / count if count else 1.0}
+            replies[route] = Message("activation_grad", self.name, message.round, message.step, {"grad": grad}, values)
+        return replies
+
+    def backward_group(self, groups: dict[str, Arrivals]) -> dict[int, Message]:
+        """Backpropagate the gradients of a middle stage's outputs; return its inputs' gradients."""
+        replies: dict[int, Message] = {}
+        for slot_name, arrivals in groups.items():
+            slot = self.slot(slot_name)
+            pending = slot.pending
+            if pending is None:
+                raise RuntimeError(f"{self.name}: activation gradient without a pending forward pass")
+            by_route = dict(arrivals)
+            kept = [i for i, r in enumerate(pending.routes) if r in by_route]
+            grads = [by_route[r].tensors["grad"] if r in by_route else torch.zeros_like(o)
+                     for r, o in zip(pending.routes, pending.outputs.split(pending.sizes))]
+            pending.outputs.backward(torch.cat(grads))
+            slot.sq_norm = grad_sq_norm(slot.params)
+            slot.pending = None
+            input_grads = pending.inputs.grad.split(pending.sizes)
+            for i in kept:
+                route = pending.routes[i]
+                incoming = by_route[route]
+                replies[route] = Message("activation_grad", self.name, incoming.round, incoming.step,
+                                         {"grad": input_grads[i]}, dict(incoming.values))
+        return replies
+
+    # --- every stage --------------------------------------------------------------------
+    def sq_norm(self, slot_name: str | None) -> float:
+        """Squared grad norm of the slot's LoRA after its last backward."""
+        return self.slot(slot_name).sq_norm
+
+    def apply(self, slot_name: str | None, scale: float, lr: float) -> None:
+        """Take the optimizer step with the clipping factor decided over the whole route."""
+        slot = self.slot(slot_name)
+        apply_step(slot.optimizer, slot.params, scale, lr)
+        slot.pending = None
+
+    def discard(self, slot_name: str | None) -> None:
+        """A slot whose routes all dropped out of the step does not step; its gradients are discarded."""
+        self.slot(slot_name).discard_pending()
+
+    def local_step(self, slot_name: str | None, lr: float) -> tuple[float, int]:
+        """One whole-model forward/backward/step (a slot that is first and last); returns (mean loss, tokens)."""
+        slot = self.slot(slot_name)
+        activate(slot.lora_layers, [slot.adapter])
+        batch = slot.stream.next_batch()
+        with self.meter.measure(exclude=slot.held_tensors):
+            logits = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
+            loss_sum, tokens = token_loss_sum(logits, batch.labels)
+        self.meter.record(self.meter.last)
+        loss = loss_sum / max(tokens, 1)
+        loss.backward()
+        scale = clip_scale(grad_sq_norm(slot.params), self.train.max_grad_norm)
+        apply_step(slot.optimizer, slot.params, scale, lr)
+        slot.last_loss, slot.last_tokens = loss.item(), tokens
+        return loss.item(), tokens
+
+    # --- federation ---------------------------------------------------------------------
+    def upload(self, slot_name: str | None, round_index: int) -> Message:
+        slot = self.slot(slot_name)
+        state = get_adapter_state(slot.stage.model, slot.adapter)
+        return Message("adapter_upload", self.name, round_index, 0, state, {"num_samples": slot.num_samples})
+
+    def download(self, slot_name: str | None, message: Message) -> None:
+        slot = self.slot(slot_name)
+        set_adapter_state(slot.stage.model, slot.adapter, message.tensors)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every slot's adapter, optimizer and batch-stream position as (tensors, JSON-able meta)."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {}
+        for name, slot in self.slots.items():
+            prefix = f"{name}/"
+            tensors.update({f"{prefix}adapter/{k}": v for k, v in get_adapter_state(slot.stage.model, slot.adapter).items()})
+            entry = {"optimizer": flatten(f"{prefix}optimizer", slot.optimizer.state_dict(), tensors)}
+            if slot.stream is not None:
+                entry["stream"] = flatten(f"{prefix}stream", slot.stream.state_dict(), tensors)
+            meta[name] = entry
+        return tensors, meta
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        for name, entry in meta.items():
+            slot = self.slot(name)
+            slot.discard_pending()
+            prefix = f"{name}/adapter/"
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            set_adapter_state(slot.stage.model, slot.adapter, state)
+            slot.optimizer.load_state_dict(unflatten(entry["optimizer"], tensors))
+            if slot.stream is not None and "stream" in entry:
+                slot.stream.load_state_dict(unflatten(entry["stream"], tensors))
+
+    # --- accounting ---------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        """Base weights of the slots' stages + their adapters + optimizer state (shared storages once)."""
+        tensors = [t for s in self.slots.values()
+                   for t in (*base_tensors(s.stage), *s.params, *optimizer_tensors(s.optimizer))]
+        return unique_bytes(tensors)
+
+    def peak_bytes(self) -> int:
+        return self.held_bytes() + self.meter.peak
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for s in self.slots.values() for p in s.params)
