@@ -285,25 +285,6 @@ class RunConfig(_Section):
         except ValidationError as error:
             raise ValueError("; ".join(_error_lines(error, prefix=name))) from None
         return tree
-        name = tree.setdefault("protocol", default_protocol()) if isinstance(tree, dict) else None
-        if not isinstance(name, str):
-            return tree  # the field check reports it
-        try:
-            options_model = protocol_class(name).Options
-        except ValueError as error:
-            raise ValueError(f"protocol: {error}") from None
-        tree = dict(tree)
-        others = sorted(k for k in tree if k != name and k in protocol_names())
-        if others:
-            raise ValueError(f"section [{others[0]}] configures protocol {others[0]!r}, but protocol is {name!r}")
-        section = tree.pop(name, None)
-        if section is None:
-            section = tree.pop("options", None) or {}
-        try:
-            tree["options"] = options_model.model_validate(section)
-        except ValidationError as error:
-            raise ValueError("; ".join(_error_lines(error, prefix=name))) from None
-        return tree
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

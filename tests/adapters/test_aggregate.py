@@ -42,3 +42,50 @@ def test_heterogeneous_ranks_zero_pad_then_truncate():
 def test_mismatched_weights_are_rejected():
     with pytest.raises(ValueError, match="one weight per state"):
         weighted_average([{"k": torch.zeros(1)}], [1.0, 2.0])
+
+
+def test_fedavg_refuses_mixed_ranks_and_names_the_key():
+    from splitfed.adapters.aggregate import FedAvg, combine_states
+
+    low = {"m.lora_A.weight": torch.ones(2, 3)}
+    high = {"m.lora_A.weight": torch.ones(4, 3)}
+    with pytest.raises(ValueError, match=r"'fedavg': 'm.lora_A.weight' arrives with shapes \[\(2, 3\), \(4, 3\)\].*zeropad"):
+        combine_states(FedAvg(), [low, high], [1.0, 1.0])
+    same = combine_states(FedAvg(), [low, {"m.lora_A.weight": torch.full((2, 3), 3.0)}], [1.0, 1.0])
+    assert torch.equal(same["m.lora_A.weight"], torch.full((2, 3), 2.0))
+
+
+def test_config_with_mixed_ranks_needs_zeropad():
+    from splitfed.config import ConfigError, parse_config
+
+    tree = {"protocol": "memsfl", "devices": {"count": 2, "cuts": [1], "ranks": [2, 4]}}
+    with pytest.raises(ConfigError, match=r"aggregation.method: 'fedavg' .* \[2, 4\]; allowed for mixed ranks: 'zeropad'"):
+        parse_config(tree)
+    assert parse_config({**tree, "aggregation": {"method": "zeropad"}}).aggregation.method == "zeropad"
+
+
+def test_exported_adapter_with_mixed_ranks_loads_in_peft(tiny_llama_dir, tmp_path):
+    """Modules whose rank differs from the adapter's r are described by rank_pattern / alpha_pattern."""
+    from peft import PeftModel
+
+    from splitfed.adapters.layout import AdapterLayout
+    from splitfed.adapters.lora import add_adapter, get_adapter_state, layout_config, save_peft_adapter
+    from splitfed.models.families import family_for
+    from splitfed.models.loading import load_model
+
+    model = load_model(str(tiny_llama_dir))
+    family = family_for(model.config)
+    layout = AdapterLayout(range(0, 6), ("q_proj", "v_proj"), 4, 2.0)
+    add_adapter(model, "x", layout_config(family, layout))
+    state = get_adapter_state(model, "x")
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) for k, v in state.items()}
+    low = "model.layers.2.self_attn.q_proj"  # this module gets rank 2
+    state[f"{low}.lora_A.weight"] = state[f"{low}.lora_A.weight"][:2]
+    state[f"{low}.lora_B.weight"] = state[f"{low}.lora_B.weight"][:, :2]
+    save_peft_adapter(state, layout_config(family, layout), tmp_path / "adapter", str(tiny_llama_dir))
+    loaded = PeftModel.from_pretrained(load_model(str(tiny_llama_dir)), str(tmp_path / "adapter"))
+    module = loaded.base_model.model.model.layers[2].self_attn.q_proj
+    assert module.r["default"] == 2 and module.scaling["default"] == pytest.approx(2.0)
+    assert torch.equal(module.lora_A["default"].weight, state[f"{low}.lora_A.weight"])
+    assert loaded.peft_config["default"].task_type == "CAUSAL_LM"

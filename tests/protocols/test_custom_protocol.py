@@ -6,21 +6,18 @@ and with one device it equals centralized LoRA step by step: a middle tier chang
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from splitfed.config import ProtocolOptions, RunConfig, load_config
-from splitfed.deploy import serve
 from splitfed.protocols.split import SplitProtocol
 from splitfed.registry import register
 from splitfed.run import run
 from splitfed.topology import Route, StagePlacement, Topology
 from tests.conftest import tiny_run_config
-from tests.runtime.test_grpc_processes import DEVICES, free_port, write_config
+from tests.runtime.test_grpc_processes import assert_same_adapters, free_port, serve_with_devices, write_config
 
 PLUGIN = __name__  # device processes import this module (config ``plugins``) to find the protocol
 
@@ -101,19 +98,8 @@ def test_chain_runs_over_grpc_like_in_process(tiny_llama_dir, corpus_dir, tmp_pa
     write_config(config_path, tiny_llama_dir, corpus_dir, "test-chain", "[2]", free_port())
     text = config_path.read_text().replace("seed = 3\n", f'seed = 3\nplugins = ["{PLUGIN}"]\n')
     config_path.write_text(text)  # top-level key: before the first section
-    devices = [subprocess.Popen([sys.executable, "-m", "splitfed.cli", "device", str(config_path), "--id", str(i)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(DEVICES)]
-    try:
-        remote = serve(load_config(config_path, ['runtime.kind="grpc"']), tmp_path / "grpc", progress=False)
-        for process in devices:
-            assert process.wait(timeout=60) == 0, process.stderr.read().decode()[-2000:]
-    finally:
-        for process in devices:
-            process.kill()
+    remote = serve_with_devices(config_path, tmp_path / "grpc")
     local = run(load_config(config_path), tmp_path / "inproc", progress=False)
-    remote_adapter = load_file(tmp_path / "grpc" / "adapter" / "adapter_model.safetensors")
-    local_adapter = load_file(tmp_path / "inproc" / "adapter" / "adapter_model.safetensors")
-    for key in local_adapter:
-        torch.testing.assert_close(remote_adapter[key], local_adapter[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert_same_adapters(tmp_path / "grpc", tmp_path / "inproc")
     assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
     assert remote["sim_s"] == pytest.approx(local["sim_s"], rel=1e-3)

@@ -8,13 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from splitfed.config import load_config
-from splitfed.deploy import serve
 from splitfed.run import run
-from tests.runtime.test_grpc_processes import DEVICES, free_port, start_devices, write_config
+from tests.runtime.test_grpc_processes import DEVICES, assert_same_adapters, free_port, serve_with_devices, write_config
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -38,15 +35,7 @@ def _serve(config_path: Path, out: Path, trace: Path, concurrent: bool) -> dict:
     """Server and device processes; the devices read ``runtime.trace_dir`` from the config file."""
     lines = [line for line in config_path.read_text().splitlines() if not line.startswith(("trace_dir", "address"))]
     config_path.write_text("\n".join([*lines, f'trace_dir = "{trace}"', f'address = "127.0.0.1:{free_port()}"', ""]))
-    devices = start_devices(config_path, DEVICES)
-    try:
-        summary = serve(load_config(config_path, ['runtime.kind="grpc"']), out, progress=False, concurrent=concurrent)
-        for process in devices:
-            assert process.wait(timeout=60) == 0, process.stderr.read().decode()[-2000:]
-    finally:
-        for process in devices:
-            process.kill()
-    return summary
+    return serve_with_devices(config_path, out, concurrent=concurrent)
 
 
 def test_device_forwards_of_a_step_overlap_and_results_match_in_process(tiny_llama_dir, corpus_dir, tmp_path):
@@ -61,11 +50,7 @@ def test_device_forwards_of_a_step_overlap_and_results_match_in_process(tiny_lla
     assert len(overlapping) >= 3, windows  # all four forwards run at once (scheduling noise may miss one)
 
     local = run(load_config(config_path), tmp_path / "inproc", progress=False)
-    remote_adapter = load_file(tmp_path / "parallel" / "adapter" / "adapter_model.safetensors")
-    local_adapter = load_file(tmp_path / "inproc" / "adapter" / "adapter_model.safetensors")
-    assert remote_adapter.keys() == local_adapter.keys()
-    for key in local_adapter:
-        torch.testing.assert_close(remote_adapter[key], local_adapter[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert_same_adapters(tmp_path / "parallel", tmp_path / "inproc")
     assert summary["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
 
     _serve(config_path, tmp_path / "serial", tmp_path / "trace-serial", concurrent=False)

@@ -52,26 +52,35 @@ def start_devices(config_path, count: int) -> list[subprocess.Popen]:
     ]
 
 
-@pytest.mark.parametrize(("protocol", "cuts", "extra"), [("sfl", "[2]", ""), ("memsfl", "[1, 2, 4]", COMPRESSED)],
-                         ids=["sfl", "memsfl-compressed"])
-def test_grpc_processes_match_in_process_run(tiny_llama_dir, corpus_dir, tmp_path, protocol, cuts, extra):
-    config_path = tmp_path / "config.toml"
-    write_config(config_path, tiny_llama_dir, corpus_dir, protocol, cuts, free_port(), extra)
+def serve_with_devices(config_path, out, **serve_options) -> dict:
+    """A gRPC server here and one device process per device, all on the config file; the run's summary."""
     devices = start_devices(config_path, DEVICES)
     try:
-        remote = serve(load_config(config_path, ['runtime.kind="grpc"']), tmp_path / "grpc", progress=False)
+        summary = serve(load_config(config_path, ['runtime.kind="grpc"']), out, progress=False, **serve_options)
         for process in devices:
             assert process.wait(timeout=60) == 0, process.stderr.read().decode()[-2000:]
     finally:
         for process in devices:
             process.kill()
-    local = run(load_config(config_path), tmp_path / "inproc", progress=False)
+    return summary
 
-    remote_adapter = load_file(tmp_path / "grpc" / "adapter" / "adapter_model.safetensors")
-    local_adapter = load_file(tmp_path / "inproc" / "adapter" / "adapter_model.safetensors")
-    assert remote_adapter.keys() == local_adapter.keys()
-    for key in local_adapter:
-        torch.testing.assert_close(remote_adapter[key], local_adapter[key], atol=1e-5, rtol=1e-5, msg=key)
+
+def assert_same_adapters(run_a, run_b) -> None:
+    a = load_file(run_a / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_b / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize(("protocol", "cuts", "extra"), [("sfl", "[2]", ""), ("memsfl", "[1, 2, 4]", COMPRESSED)],
+                         ids=["sfl", "memsfl-compressed"])
+def test_grpc_processes_match_in_process_run(tiny_llama_dir, corpus_dir, tmp_path, protocol, cuts, extra):
+    config_path = tmp_path / "config.toml"
+    write_config(config_path, tiny_llama_dir, corpus_dir, protocol, cuts, free_port(), extra)
+    remote = serve_with_devices(config_path, tmp_path / "grpc")
+    local = run(load_config(config_path), tmp_path / "inproc", progress=False)
+    assert_same_adapters(tmp_path / "grpc", tmp_path / "inproc")
     assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
     for stream in ("activations", "gradients", "adapters"):  # the same encoded messages cross the wire
         assert remote[f"{stream}_bytes"] == local[f"{stream}_bytes"], stream

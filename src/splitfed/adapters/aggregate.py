@@ -3,9 +3,9 @@
 Every strategy is layer-aware: a key (one LoRA factor of one module of one layer) is combined
 over the uploads that hold it, with their sample weights renormalised, so participants that
 cover different layers (devices with different cuts, server slots) still combine exactly
-per layer. A strategy implements ``combine`` (one key, its holders) and ``fit`` (the global
-tensor reshaped for a participant's layout); the aggregator role (``roles.aggregator``)
-applies it to whole states.
+per layer. A strategy implements ``combine`` (one key, its holders); the aggregator role
+(``roles.aggregator``) applies it to whole states and slices the result for each participant's
+layout, which fits it to its own rank when it loads it (``adapters.lora.set_adapter_state``).
 
 - ``fedavg``: the sample-weighted average; holders of a key must have the same rank.
 - ``zeropad`` (HetLoRA): factors are zero-padded to the largest rank, averaged, and each
@@ -39,9 +39,6 @@ class Strategy:
 
     def combine(self, key: str, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         raise NotImplementedError
-
-    def fit(self, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return fit_rank(tensor, shape)
 
 
 def _weighted_sum(tensors: list[torch.Tensor], weights: list[float], shape: torch.Size) -> torch.Tensor:

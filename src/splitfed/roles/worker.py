@@ -19,7 +19,7 @@ device's update is that of its own mean loss (it does not shrink with the group'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,7 +62,6 @@ class _Pending:
     """(batch, seq, hidden) input that requires grad (None on a first stage)."""
     outputs: torch.Tensor
     """(batch, seq, hidden) output whose gradient comes back."""
-    passthrough: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -80,8 +79,6 @@ class Slot:
     num_samples: int = 0
     sq_norm: float = 0.0
     pending: _Pending | None = None
-    last_loss: float = float("nan")
-    last_tokens: int = 0
 
     def discard_pending(self) -> None:
         """Drop what an unfinished step left: gradients whose optimizer step never came, a forward's graph."""
@@ -140,8 +137,6 @@ class StageWorker:
         scale = float(message.values["grad_scale"])
         slot.pending.outputs.backward(grad * scale if scale != 1.0 else grad)
         slot.pending = None
-        slot.last_loss = float(message.values["loss"])
-        slot.last_tokens = int(message.values["tokens"])
         slot.sq_norm = grad_sq_norm(slot.params)
         return Message("grad_norm", self.name, message.round, message.step, values={"sq_norm": slot.sq_norm})
 
@@ -241,7 +236,6 @@ class StageWorker:
         loss.backward()
         scale = clip_scale(grad_sq_norm(slot.params), self.train.max_grad_norm)
         apply_step(slot.optimizer, slot.params, scale, lr)
-        slot.last_loss, slot.last_tokens = loss.item(), tokens
         return loss.item(), tokens
 
     # --- federation ---------------------------------------------------------------------
