@@ -348,10 +348,6 @@ class Protocol(ABC):
             report[params_key] = max(report.get(params_key, 0), handle.trainable_params)
         return report
 
-    def stop_remote(self) -> None:
-        if self.ctx.remote is not None:
-            self.ctx.remote.stop_all()
-
     # --- what each protocol defines -------------------------------------------------------
     @abstractmethod
     def train_round(self, round_index: int, participants: list[int]) -> None:

@@ -44,8 +44,6 @@ class WorkerHandle(Protocol):
 class LocalWorker:
     """A worker of this process behind the handle interface."""
 
-    remote = False
-
     def __init__(self, worker: StageWorker) -> None:
         self.worker = worker
         self.name = worker.name

@@ -72,8 +72,6 @@ class Limits:
 class RemoteWorker:
     """A device's first-stage worker in another process."""
 
-    remote = True
-
     def __init__(self, device_id: int, name: str, hop: Hop, aggregator_hop: Hop, transport: Transport,
                  link: InProcessLink, pool: ThreadPoolExecutor, limits: Limits) -> None:
         self.id = device_id
