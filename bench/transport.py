@@ -60,7 +60,8 @@ def grpc_vs_inproc(tmp: Path) -> list[list[object]]:
         "data": {"partition": "iid", "max_train_chunks_per_device": 16, "eval_chunks": 8},
         "train": {"rounds": 4, "local_steps": 3, "batch_size": 4, "seq_len": 128},
         "devices": {"count": 4, "cuts": [2, 4, 6]},
-        "runtime": {"address": f"127.0.0.1:{free_port()}", "tokens": [f"t{i}" for i in range(4)]},
+        # 4 device processes share this machine's cores: one torch thread each (runtime.device_threads)
+        "runtime": {"address": f"127.0.0.1:{free_port()}", "tokens": [f"t{i}" for i in range(4)], "device_threads": 1},
     }
     config_path = tmp / "transport.toml"
     config_path.write_text(_toml(tree))
@@ -181,7 +182,7 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def trace_stats(trace_dir: Path) -> dict[str, float]:
+def trace_stats(trace_dir: Path) -> dict:
     """Per measured step (round > 0), from the device traces: the forward window (first start to
     last end of the step's device forwards), the mean duration of one forward, the overlap
     (sum of forward durations / time during which at least one forward runs: 1.0 = one at a time,
@@ -207,10 +208,18 @@ def trace_stats(trace_dir: Path) -> dict[str, float]:
             "ops": sorted({r["op"] for r in records})}
 
 
-def _grpc_run(tmp: Path, label: str, concurrent: bool) -> tuple[float, dict]:
+def _measured(out: Path, trace_dir: Path) -> tuple[float, dict]:
+    """Median step time of a run, and its trace statistics plus the step times themselves."""
+    times = step_times(out)
+    return statistics.median(times), {**trace_stats(trace_dir), "steps": times}
+
+
+def _grpc_run(tmp: Path, label: str, concurrent: bool, device_threads: int) -> tuple[float, dict]:
+    """One gRPC run; ``device_threads``: ``runtime.device_threads`` of the device processes (0: torch's default)."""
     trace_dir = tmp / f"trace-{label}"
     tree = {**CONCURRENCY_TREE, "runtime": {"address": f"127.0.0.1:{free_port()}", "trace_dir": str(trace_dir),
-                                            "tokens": [f"t{i}" for i in range(CONCURRENCY_DEVICES)]}}
+                                            "tokens": [f"t{i}" for i in range(CONCURRENCY_DEVICES)],
+                                            "device_threads": device_threads}}
     config_path = tmp / f"{label}.toml"
     config_path.write_text(_toml(tree))
     devices = _start_devices(config_path, CONCURRENCY_DEVICES, tmp / f"logs-{label}")
@@ -219,7 +228,7 @@ def _grpc_run(tmp: Path, label: str, concurrent: bool) -> tuple[float, dict]:
               concurrent=concurrent)
     finally:
         _wait_devices(devices, tmp / f"logs-{label}")
-    return statistics.median(step_times(tmp / label)), trace_stats(trace_dir)
+    return _measured(tmp / label, trace_dir)
 
 
 def _ray_actor_threads() -> int:
@@ -246,44 +255,50 @@ def _ray_run(tmp: Path, hosts: int) -> tuple[float, dict]:
     trace_dir = tmp / f"trace-{label}"
     tree = {**CONCURRENCY_TREE, "runtime": {"kind": "ray", "ray_hosts": hosts, "trace_dir": str(trace_dir)}}
     run_on_ray(parse_config(tree), tmp / label, progress=False)
-    return statistics.median(step_times(tmp / label)), trace_stats(trace_dir)
+    return _measured(tmp / label, trace_dir)
 
 
 def concurrency(tmp: Path) -> tuple[list[list[object]], dict]:
-    """Both pairs back to back in this process; returns the table rows and what the text quotes."""
+    """The pairs back to back in this process; returns the table rows and the numbers the text quotes.
+
+    gRPC twice: device processes with torch's default threads (one per core), as ``splitfed device``
+    starts them by default, and with ``runtime.device_threads = 1`` (4 processes x default threads
+    oversubscribe 2 cores)."""
     import ray
 
     started = time.perf_counter()
-    runs = {}
-    runs["grpc-concurrent"] = _grpc_run(tmp, "grpc-concurrent", concurrent=True)
-    print("gRPC, concurrent requests:", runs["grpc-concurrent"], flush=True)
-    runs["grpc-serial"] = _grpc_run(tmp, "grpc-serial", concurrent=False)
-    print("gRPC, one request at a time:", runs["grpc-serial"], flush=True)
+    default_threads = torch.get_num_threads()  # what a device process gets on this machine
+    runs: dict[str, tuple[float, dict]] = {}
+    for threads, suffix in ((0, ""), (1, "-1t")):
+        for concurrent, mode in ((True, "concurrent"), (False, "serial")):
+            key = f"grpc-{mode}{suffix}"
+            runs[key] = _grpc_run(tmp, key, concurrent, threads)
+            print(key, runs[key], flush=True)
     ray.init(include_dashboard=False, log_to_driver=False)  # one local Ray for both runs (run_on_ray reuses it)
     try:
         actor_threads = _ray_actor_threads()
-        runs["ray-2"] = _ray_run(tmp, 2)
-        print("Ray, 2 host actors:", runs["ray-2"], flush=True)
-        runs["ray-1"] = _ray_run(tmp, 1)
-        print("Ray, 1 host actor:", runs["ray-1"], flush=True)
+        for hosts in (2, 1):
+            runs[f"ray-{hosts}"] = _ray_run(tmp, hosts)
+            print(f"ray-{hosts}", runs[f"ray-{hosts}"], flush=True)
     finally:
         ray.shutdown()
-    labels = {
-        "grpc-serial": ("gRPC, 4 device processes", "one at a time"),
-        "grpc-concurrent": ("gRPC, 4 device processes", "all at once"),
-        "ray-1": ("Ray, 1 host actor (4 devices)", "take turns"),
-        "ray-2": ("Ray, 2 host actors (2 devices each)", "2 at a time"),
-    }
-    baseline = {"grpc-serial": "grpc-serial", "grpc-concurrent": "grpc-serial", "ray-1": "ray-1", "ray-2": "ray-1"}
+    rows_of = [  # key, runtime, torch threads per device process, requests, baseline key
+        ("grpc-serial", "gRPC, 4 device processes", default_threads, "one at a time", "grpc-serial"),
+        ("grpc-concurrent", "gRPC, 4 device processes", default_threads, "all at once", "grpc-serial"),
+        ("grpc-serial-1t", "gRPC, 4 device processes", 1, "one at a time", "grpc-serial-1t"),
+        ("grpc-concurrent-1t", "gRPC, 4 device processes", 1, "all at once", "grpc-serial-1t"),
+        ("ray-1", "Ray, 1 host actor (4 devices)", actor_threads, "take turns", "ray-1"),
+        ("ray-2", "Ray, 2 host actors (2 devices each)", actor_threads, "2 at a time", "ray-1"),
+    ]
     rows = []
-    for key, (runtime, requests) in labels.items():
+    for key, runtime, threads, requests, baseline in rows_of:
         step, trace = runs[key]
-        base = runs[baseline[key]][0]
-        rows.append([runtime, requests, f"{step:.2f}", f"{base / step:.2f}x", f"{trace['window']:.2f}",
-                     f"{trace['one']:.2f}", f"{trace['overlap']:.2f}", f"{trace['busy']:.2f}", f"{step - trace['busy']:.2f}"])
-    facts = {key: {"step": step, **trace} for key, (step, trace) in runs.items()}
-    facts["actor_threads"] = actor_threads
-    facts["elapsed"] = time.perf_counter() - started
+        spread = f"{step:.2f} ({min(trace['steps']):.2f}-{max(trace['steps']):.2f})"
+        rows.append([runtime, threads, requests, spread, f"{runs[baseline][0] / step:.2f}x",
+                     f"{trace['window']:.2f}", f"{trace['one']:.2f}", f"{trace['overlap']:.2f}",
+                     f"{trace['busy']:.2f}", f"{step - trace['busy']:.2f}"])
+    facts: dict = {key: {"step": step, **trace} for key, (step, trace) in runs.items()}
+    facts.update(actor_threads=actor_threads, default_threads=default_threads, elapsed=time.perf_counter() - started)
     print(f"concurrency section: {facts['elapsed']:.0f} s", flush=True)
     return rows, facts
 
@@ -296,39 +311,54 @@ def concurrency_body(rows: list[list[object]], facts: dict) -> str:
         f"sfl (parallel: the server trains one server-side LoRA on the 4 devices' batches concatenated), "
         f"SmolLM2-135M, LoRA r=8 on q/v, 4 devices at cut {tree['devices']['cuts'][0]} of 30 layers, batch "
         f"{train['batch_size']} x {train['seq_len']} tokens per device, {train['rounds']} rounds of "
-        f"{train['local_steps']} local steps; step time = wall time of a step (until the last device is done), median "
-        f"over the {measured} steps of rounds 2-{train['rounds']} (round 1 warms up). Each pair ran back to back in one "
-        f"run of the script (took {facts['elapsed']:.0f} s). gRPC: server and 4 device processes on loopback, "
-        f"`serve(..., concurrent=False)` sends the requests one at a time. Ray: local Ray, `runtime.ray_hosts` 2 vs 1 "
-        f"(the devices of one host actor take turns). Speed-up: step time of the one-at-a-time row / this row. From the "
-        f"device traces (`runtime.trace_dir`), medians over the same steps: forward window = first device forward's "
-        f"start to last one's end; one forward = mean duration of a device forward; overlap = sum of the forward "
-        f"durations / time during which at least one runs (1 = one at a time, 4 = all four together); device busy = "
-        f"time during which any device request (forward, backward, optimizer step) runs; the rest of the step is the "
-        f"server's own work and the transport. A measurement on this machine only (2 cores), not a claim about "
-        f"machines with a core per device.\n\n"
-        + markdown_table(["runtime", "requests", "step (s)", "speed-up", "fwd window (s)", "one fwd (s)", "fwd overlap",
-                          "device busy (s)", "rest of step (s)"], rows)
+        f"{train['local_steps']} local steps. Step = wall time of a step until the last device is done: median, and in "
+        f"brackets the fastest and slowest, of the {measured} steps of rounds 2-{train['rounds']} (round 1 warms up). All rows come from one run of the "
+        f"script (section took {facts['elapsed']:.0f} s), each pair back to back. gRPC: the server (this process, "
+        f"torch on {facts['default_threads']} threads) and 4 device processes on loopback; `serve(..., "
+        f"concurrent=False)` sends the requests one at a time; the device processes run torch on its default "
+        f"{facts['default_threads']} threads (as `splitfed device` starts them) or, in the second pair, with "
+        f"`runtime.device_threads = 1`. Ray: local Ray, `runtime.ray_hosts` 2 vs 1 (devices of one host actor take turns). "
+        f"Speed-up = step of the pair's first row / this row's. From the device traces (`runtime.trace_dir`), medians "
+        f"over the same steps: fwd window = first device forward's start to last one's end; one fwd = mean duration "
+        f"of a device forward; fwd overlap = sum of forward durations / time during which at least one runs "
+        f"(1 = one at a time, 4 = all four together); device busy = time during which any device request (forward, "
+        f"backward, optimizer step) runs; the rest of the step is the server's own work and the transport. A "
+        f"measurement on this 2-core machine only, not a prediction for devices on machines of their own.\n\n"
+        + markdown_table(["runtime", "torch threads / device process", "requests", "step (s): median (min-max)", "speed-up",
+                          "fwd window (s)", "one fwd (s)", "fwd overlap", "device busy (s)", "rest of step (s)"], rows)
         + "\n\n" + concurrency_notes(facts)
     )
 
 
+def _speed(before: float, after: float) -> str:
+    """``after`` relative to ``before``, in words."""
+    return f"{before / after:.2f}x faster" if after <= before else f"{after / before:.2f}x slower"
+
+
 def concurrency_notes(facts: dict) -> str:
-    """What limits the speed-up, with the numbers of this run."""
+    """What limits the speed-up on this machine, with the numbers of this run."""
     con, ser = facts["grpc-concurrent"], facts["grpc-serial"]
+    con1, ser1 = facts["grpc-concurrent-1t"], facts["grpc-serial-1t"]
     r1, r2 = facts["ray-1"], facts["ray-2"]
+    threads = facts["default_threads"]
+    rest = {key: row["step"] - row["busy"] for key, row in facts.items() if isinstance(row, dict)}
     return (
-        f"On 2 cores the 4 device processes and the server share the CPU: with concurrent requests the 4 forwards "
-        f"overlap {con['overlap']:.1f}x, but one forward then takes {con['one']:.2f} s instead of {ser['one']:.2f} s, "
-        f"so the forward window shrinks only from {ser['window']:.2f} s to {con['window']:.2f} s (there is no idle core "
-        f"to give the extra processes; each device process runs torch on {torch.get_num_threads()} threads, so the "
-        f"serial run already keeps both cores busy). The server's own work (its {30 - CONCURRENCY_TREE['devices']['cuts'][0]} "
-        f"layers and the LM head on the concatenated batch, plus transport) is serial and not overlapped: "
-        f"{ser['step'] - ser['busy']:.2f} s vs {con['step'] - con['busy']:.2f} s of the step outside any device request, "
-        f"which bounds the speed-up at step / that time even with free cores. Ray host actors get "
-        f"{facts['actor_threads']} torch thread(s) each (Ray sets OMP_NUM_THREADS=1 for actors started with num_cpus=0), "
-        f"so 1 host actor leaves a core idle during device work and 2 host actors can use both: "
-        f"{r1['step']:.2f} s vs {r2['step']:.2f} s a step."
+        f"The 4 device processes and the server share 2 cores, so requests sent at once can only help by filling "
+        f"cores that the one-at-a-time run leaves idle, and the server's own work (the other "
+        f"{30 - CONCURRENCY_TREE['devices']['cuts'][0]} layers and the LM head on the concatenated batch, its optimizer "
+        f"step) runs while the devices wait: with the requests' round trips it is the rest of the step, "
+        f"{min(rest.values()):.2f}-{max(rest.values()):.2f} s in every row, which no row overlaps. With torch's "
+        f"default {threads} threads per device process, all at once puts 4 x {threads} threads on 2 cores: the "
+        f"forwards overlap {con['overlap']:.1f}x, but one forward takes {con['one']:.2f} s instead of "
+        f"{ser['one']:.2f} s, the forward window goes from {ser['window']:.2f} s to {con['window']:.2f} s and the step "
+        f"is {_speed(ser['step'], con['step'])}. With one torch thread per device process (`runtime.device_threads = 1`, which Ray "
+        f"also sets for its host actors: {facts['actor_threads']} thread) the forwards overlap {con1['overlap']:.1f}x "
+        f"at {con1['one']:.2f} s each vs {ser1['one']:.2f} s alone and the window goes from {ser1['window']:.2f} s to "
+        f"{con1['window']:.2f} s, but the rest of the step goes from {rest['grpc-serial-1t']:.2f} s to "
+        f"{rest['grpc-concurrent-1t']:.2f} s, so the step is {_speed(ser1['step'], con1['step'])}; with Ray "
+        f"(rest {rest['ray-1']:.2f} s vs {rest['ray-2']:.2f} s) 2 host actors are {_speed(r1['step'], r2['step'])} "
+        f"than 1. These are one run's numbers: repeated runs of this section on this machine moved the ratios by "
+        f"0.1x-0.4x (see also the min-max of the steps), so only each pair's direction is firm."
     )
 
 

@@ -234,6 +234,10 @@ class RuntimeSection(_Section):
     """ray: address of a running cluster (e.g. ``auto``); None starts a local Ray."""
     ray_hosts: int = Field(0, ge=0)
     """ray: number of host actors, each holding one base model and several devices; 0: one per CPU."""
+    device_threads: int = Field(0, ge=0)
+    """grpc / ray: torch threads of each device process or Ray host actor; 0: torch's default (every
+    core; Ray host actors get 1). Set 1 when several device processes share one machine: their
+    threads otherwise oversubscribe its cores and a concurrent step gets slower, not faster."""
     trace_dir: str | None = None
     """grpc / ray: each device process appends one JSON line per request it serves (op, round, step,
     start and end wall-clock times) to ``<trace_dir>/<worker>.jsonl``: shows what ran concurrently."""

@@ -39,6 +39,8 @@ log = logging.getLogger("splitfed.deploy")
 # --- building what a process hosts ----------------------------------------------------------
 def host_devices(config: RunConfig, devices: list[int]) -> dict[int, HostedDevice]:
     """The first-stage workers of ``devices`` on one base model holding only the layers they run."""
+    if config.runtime.device_threads:
+        torch.set_num_threads(config.runtime.device_threads)
     plan = plan_run(config)
     model_dir = str(prepare_model(config.model.source))
     total = num_layers(load_model_config(config.model.source))

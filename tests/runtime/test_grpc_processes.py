@@ -39,7 +39,7 @@ def write_config(path, model_dir, corpus_dir, protocol: str, cuts: str, port: in
         f'[lora]\nrank = 4\nalpha = 8.0\n'
         f'[train]\nrounds = 2\nlocal_steps = 2\nbatch_size = 4\nseq_len = 32\nlr = 1e-2\n'
         f'[devices]\ncount = {DEVICES}\ncuts = {cuts}\n'
-        f'[runtime]\naddress = "127.0.0.1:{port}"\ntokens = [{tokens}]\nrequest_timeout_s = 60\nconnect_timeout_s = 120\n'
+        f'[runtime]\naddress = "127.0.0.1:{port}"\ntokens = [{tokens}]\nrequest_timeout_s = 60\nconnect_timeout_s = 120\ndevice_threads = 1\n'
         + extra
     )
 

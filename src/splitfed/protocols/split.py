@@ -137,20 +137,22 @@ class SplitProtocol(Protocol):
         max_norm = self.config.train.max_grad_norm
         stepped: set[tuple[str, str]] = set()
         acks = []
+        server_steps = []
         for routes, slots in self._clipping_sets(list(device_sq), group.served):
             total_sq = sum(self.workers[s.worker].sq_norm(s.slot) for s in slots)
             total_sq += sum(device_sq[u] for u in routes)
             scale = clip_scale(total_sq, max_norm)
-            for s in slots:
-                self.workers[s.worker].apply(s.slot, Message("clip_scale", s.worker, round_index, step,
-                                                             values={"scale": scale}), lr).result()
-                stepped.add(s.key)
-            for u in routes:
+            for u in routes:  # the devices' steps first: they run elsewhere while the server steps
                 handle, stage = self.first(u)
                 message = Message("clip_scale", self.topo.routes[u].stages[1].worker, round_index, step,
                                   values={"scale": scale})
                 delivered = self.net.carry(self.topo.routes[u].hops[0].reverse(), u, "down", message)
                 acks.append((u, handle.apply(stage.slot, delivered, lr)))
+            server_steps += [(s, scale) for s in slots]
+        for s, scale in server_steps:
+            message = Message("clip_scale", s.worker, round_index, step, values={"scale": scale})
+            self.workers[s.worker].apply(s.slot, message, lr).result()
+            stepped.add(s.key)
         for s in group.served:  # every route of the slot dropped out after its forward: no step
             if s.key not in stepped:
                 self.workers[s.worker].discard(s.slot)

@@ -48,15 +48,26 @@ class HostedDevice:
             handle.write(json.dumps(line) + "\n")
 
 
+OPERATIONS = {"activation_grad": "backward", "clip_scale": "apply", "adapter_download": "download",
+              "role_state": "import_state"}
+"""What a request of each data kind asks the worker to do (a ``call`` names its op itself)."""
+
+
+def operation(message: Message) -> str:
+    if message.kind == "call":
+        return str(message.values.get("op"))
+    return OPERATIONS.get(message.kind, message.kind)
+
+
 def handle(device: HostedDevice, message: Message, codec: MessageCodec) -> Message:
     """The reply to one (unpacked) request."""
     r, s, name, worker = message.round, message.step, device.name, device.worker
-    op = message.values.get("op") if message.kind == "call" else message.kind
+    op = operation(message)
     if op == "forward":
         return worker.forward(None, r, s)
-    if op == "activation_grad":
+    if op == "backward":
         return worker.backward(None, message)
-    if op == "clip_scale":
+    if op == "apply":
         worker.apply(None, float(message.values["scale"]), float(message.values["lr"]))
         return Message("ack", name, r, s)
     if op == "local_step":
@@ -64,14 +75,14 @@ def handle(device: HostedDevice, message: Message, codec: MessageCodec) -> Messa
         return Message("ack", name, r, s, values={"loss": loss, "tokens": tokens})
     if op == "upload":
         return worker.upload(None, r)
-    if op == "adapter_download":
+    if op == "download":
         worker.download(None, message)
         return Message("ack", name, r, s)
     if op == "export_state":
         tensors, meta = worker.export_state()
         tensors.update({CODEC_STATE + k: v for k, v in codec.export_state(device.id).items()})
         return Message("role_state", name, r, s, tensors, {"meta": json.dumps(meta)})
-    if op == "role_state":
+    if op == "import_state":
         own = {k: v for k, v in message.tensors.items() if not k.startswith(CODEC_STATE)}
         worker.import_state(own, json.loads(str(message.values["meta"])))
         codec.import_state({k[len(CODEC_STATE):]: v for k, v in message.tensors.items() if k.startswith(CODEC_STATE)})
@@ -96,7 +107,7 @@ def respond(device: HostedDevice, message: Message, codec: MessageCodec) -> Mess
     try:
         started = time.time()
         reply = handle(device, codec.unpack(device.id, message), codec)
-        device.record(str(message.values.get("op", message.kind)), message, started, time.time())
+        device.record(operation(message), message, started, time.time())
         return codec.pack("up", device.id, reply)
     except (MessageError, KeyError, ValueError, RuntimeError) as error:
         log.warning("%s: request %s failed: %s", device.name, message.kind, error)
