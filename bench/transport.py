@@ -399,7 +399,7 @@ def runtimes(args: argparse.Namespace) -> None:
         "cores. As deployed, the server sends each request to every device before it waits, so device work "
         "(the next devices' forwards, a served device's backward) runs while the server computes, on the "
         "same 2 cores; with requests one at a time nothing overlaps (the engine before routes and futures "
-        "worked that way: 1.033x on 2026-11-30). Between runs on this machine these ratios move by about "
+        "always worked that way: 1.033x, measured 2026-11-24). Between runs on this machine these ratios move by about "
         "0.1-0.3. Goal: gRPC <= 1.10x in-process.\n\n"
         + markdown_table(["runtime", "requests", "step time (s)", "ratio"], step_rows)
         + "\n\n**gRPC transfer throughput** on loopback (encode + 1 MiB frames + reassemble + decode), median of 5.\n\n"
