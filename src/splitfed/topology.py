@@ -11,6 +11,10 @@ of them needs to know which protocol produced it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+
+NO_ROUTE = -1
+"""Route of traffic that belongs to no single route (an adapter slot that several routes share)."""
 
 
 @dataclass(frozen=True)
@@ -94,20 +98,41 @@ class Topology:
     def crosses_network(self, hop: Hop) -> bool:
         return self.host(hop.src) != self.host(hop.dst)
 
-    def workers(self) -> dict[str, list[StagePlacement]]:
-        """Each worker's distinct slots (first declaration of each), in route order."""
+    @cached_property
+    def _slots(self) -> dict[str, dict[str, StagePlacement]]:
         found: dict[str, dict[str, StagePlacement]] = {}
         for route in self.routes:
             for stage in route.stages:
                 found.setdefault(stage.worker, {}).setdefault(stage.slot, stage)
-        return {worker: list(slots.values()) for worker, slots in found.items()}
+        return found
+
+    @cached_property
+    def _routes_by_slot(self) -> dict[tuple[str, str], list[int]]:
+        found: dict[tuple[str, str], list[int]] = {}
+        for route in self.routes:
+            for stage in route.stages:
+                found.setdefault(stage.key, []).append(route.device)
+        return found
+
+    def workers(self) -> dict[str, list[StagePlacement]]:
+        """Each worker's distinct slots (first declaration of each), in route order."""
+        return {worker: list(slots.values()) for worker, slots in self._slots.items()}
 
     def tier_of(self, worker: str) -> str:
-        return self.workers()[worker][0].tier
+        return next(iter(self._slots[worker].values())).tier
 
     def routes_of(self, key: tuple[str, str]) -> list[int]:
         """Devices whose route passes the slot ``key`` = (worker, slot)."""
-        return [r.device for r in self.routes if any(s.key == key for s in r.stages)]
+        return self._routes_by_slot.get(key, [])
+
+    def owner(self, key: tuple[str, str]) -> int:
+        """The route a slot's adapter traffic is counted for: its one route's, else ``NO_ROUTE``."""
+        routes = self.routes_of(key)
+        return routes[0] if len(routes) == 1 else NO_ROUTE
+
+    def coded(self, hop: Hop, route: int) -> bool:
+        """Whether ``hop`` carries ``route``'s traffic through the codecs: only a device's own hops do."""
+        return route != NO_ROUTE and self.routes[route].first.worker in (hop.src, hop.dst)
 
     def depth(self) -> int:
         """Most stages on any route."""

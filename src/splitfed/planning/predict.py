@@ -16,12 +16,11 @@ from transformers import PretrainedConfig
 from splitfed.config import RunConfig
 from splitfed.models.families import num_layers
 from splitfed.registry import protocol_class
-from splitfed.system.clock import Clock, predicted_memory
+from splitfed.system.clock import Clock
 from splitfed.system.costs import LayerCosts, stage_memory
 from splitfed.system.traffic import adapter_message_bytes, step_bytes
 from splitfed.topology import Hop, Topology, groups_share_slots
 
-NO_ROUTE = -1
 """Route that adapter traffic of a slot shared by several routes is counted for (as the links do)."""
 
 Sent = dict[tuple[int, str, str], int]
@@ -38,13 +37,6 @@ class Prediction:
     server_memory_bytes: int
 
 
-def together(config: RunConfig) -> bool:
-    """The protocol of ``config`` serves a round's routes as one group (its server-side memory then
-    holds all of their activations at once)."""
-    cls = protocol_class(config.protocol)
-    return cls.serves_together(config) and not cls.scheduled(config)
-
-
 def adapter_traffic(config: RunConfig, topology: Topology, costs: LayerCosts) -> tuple[Sent, Sent]:
     """Predicted adapter downloads and uploads of a round: every slot whose worker is across a
     network from the aggregator gets its layers of the global adapter (at the largest rank) and
@@ -57,10 +49,8 @@ def adapter_traffic(config: RunConfig, topology: Topology, costs: LayerCosts) ->
         if not topology.crosses_network(down_hop):
             continue
         for stage in stages:
-            routes = topology.routes_of(stage.key)
-            owner = routes[0] if len(routes) == 1 else NO_ROUTE
-            coded = owner != NO_ROUTE and topology.routes[owner].first.worker in (down_hop.src, down_hop.dst)
-            spec = config.compression.adapters if coded else "none"
+            owner = topology.owner(stage.key)
+            spec = config.compression.adapters if topology.coded(down_hop, owner) else "none"
             download[(owner, down_hop.name, "adapter_download")] = adapter_message_bytes(
                 costs, stage.layers, global_rank, spec, False, exact=True)
             upload[(owner, down_hop.reverse().name, "adapter_upload")] = adapter_message_bytes(
@@ -118,5 +108,5 @@ def predict(config: RunConfig, model_config: PretrainedConfig) -> Prediction:
                          True, r.first.last).total)
         for r in topology.routes
     ]
-    server = predicted_memory(config, model_config, topology, together(config))["peak_mem_server_bytes"]
+    server = cls.predicted_memory(config, model_config, cuts)["peak_mem_server_bytes"]
     return Prediction(round_s, first_order, memory, server)

@@ -16,7 +16,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -39,7 +39,7 @@ from splitfed.roles.worker import StageWorker
 from splitfed.runtime.futures import Reply
 from splitfed.runtime.handles import LocalWorker, Network, WorkerHandle
 from splitfed.runtime.inproc import InProcessLink
-from splitfed.runtime.link import NO_ROUTE, message_codec
+from splitfed.runtime.link import message_codec
 from splitfed.runtime.remote import DeviceDropped, RemoteDevices
 from splitfed.seeding import Purpose, derive_seed
 from splitfed.system.clock import Clock, predicted_memory
@@ -150,8 +150,11 @@ class Protocol(ABC):
         # from the same initial LoRA: split and unsplit runs can be compared step by step.
         torch.manual_seed(self.config.seed)
         self.global_rank = max(s.rank for r in self.topo.routes for s in r.stages)
-        self._add_adapter(self.model, GLOBAL_ADAPTER, self.layout_of(
-            StagePlacement("", "", 0, self.total_layers, True, True, GLOBAL_ADAPTER, self.global_rank)))
+        lora = self.config.lora
+        self.global_layout = AdapterLayout(range(self.total_layers), tuple(lora.targets), self.global_rank,
+                                           lora.alpha / lora.rank)
+        """The exported global adapter: every layer at the largest rank of any stage."""
+        self._add_adapter(self.model, GLOBAL_ADAPTER, self.global_layout)
         self.aggregator = Aggregator(get_adapter_state(self.model, GLOBAL_ADAPTER), self.family,
                                      self.config.aggregation.method)
         self._global_layers = lora_layers(self.model)
@@ -273,18 +276,13 @@ class Protocol(ABC):
                     seen.setdefault(stages[depth].key, stages[depth])
         return list(seen.values())
 
-    def _owner(self, stage: StagePlacement) -> int:
-        """The route a slot's adapter traffic is counted for: its device's, unless routes share it."""
-        routes = self.topo.routes_of(stage.key)
-        return routes[0] if len(routes) == 1 else NO_ROUTE
-
     def download_adapters(self, round_index: int, participants: list[int], active: list[int]) -> None:
         """Every slot the round's routes pass loads its part of the global adapter."""
         replies: list[tuple[int, Reply]] = []
         for stage in self._slots_of(participants):
             state = self.aggregator.download_for(self.layout_of(stage))
             message = Message("adapter_download", "aggregator", round_index, 0, state)
-            hop, owner = Hop(self.topo.aggregator, stage.worker), self._owner(stage)
+            hop, owner = Hop(self.topo.aggregator, stage.worker), self.topo.owner(stage.key)
             delivered = self.net.carry(hop, owner, "down", message)
             replies.append((owner, self.workers[stage.worker].download(stage.slot, delivered)))
         for owner, reply in replies:
@@ -298,7 +296,7 @@ class Protocol(ABC):
         states: dict[tuple[str, str], dict] = {}
         weights: dict[int, float] = {}
         for stage in slots:
-            owner = self._owner(stage)
+            owner = self.topo.owner(stage.key)
             message = self.attempt(owner, round_index, 0, active, replies[stage.key].result)
             if message is None:
                 continue
@@ -312,8 +310,7 @@ class Protocol(ABC):
             if u not in weights or any(s.key not in states for s in stages):
                 continue
             full_depth = {k: v for s in stages for k, v in states[s.key].items()}
-            layout = AdapterLayout(range(0, stages[-1].end), tuple(self.config.lora.targets),
-                                   max(s.rank for s in stages), self.layout_of(stages[0]).alpha_per_rank)
+            layout = replace(self.global_layout, layers=range(stages[-1].end), rank=max(s.rank for s in stages))
             uploads.append(Upload(full_depth, layout, weights[u]))
         return uploads
 
@@ -333,8 +330,7 @@ class Protocol(ABC):
 
     def global_lora_config(self):
         """The PEFT config of the exported global adapter (all layers, the largest rank)."""
-        stage = StagePlacement("", "", 0, self.total_layers, True, True, GLOBAL_ADAPTER, self.global_rank)
-        return layout_config(self.family, self.layout_of(stage), self.config.lora.dropout)
+        return layout_config(self.family, self.global_layout, self.config.lora.dropout)
 
     # --- the memory report ----------------------------------------------------------------
     def memory(self) -> dict[str, int]:

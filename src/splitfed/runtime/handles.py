@@ -105,6 +105,4 @@ class Network:
         route's last stage, else ``down``); bytes count when the hop crosses a network."""
         if hop.src in self.remote or hop.dst in self.remote or not self.topology.crosses_network(hop):
             return message  # a remote handle's transport carries it; or both ends share a machine
-        first = self.topology.routes[route].first.worker if route >= 0 else None
-        coded = first in (hop.src, hop.dst)
-        return self.link.carry(hop, route, direction, message, coded)
+        return self.link.carry(hop, route, direction, message, self.topology.coded(hop, route))

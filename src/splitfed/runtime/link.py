@@ -19,10 +19,6 @@ from splitfed.wire.compression import MessageCodec
 CONTROL_KINDS = ("call", "ack", "role_state", "error")
 """Requests and acknowledgements of the remote runtimes: counted in the byte totals, not timed."""
 
-NO_ROUTE = -1
-"""Route of traffic that belongs to no single route (a shared slot's adapter)."""
-
-
 class ByteCounts:
     """Bytes on the wire.
 

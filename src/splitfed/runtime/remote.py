@@ -58,6 +58,15 @@ class DeviceDropped(ConnectionError):
         self.reason = reason
 
 
+def _acknowledged(reply: Reply[Message]) -> Reply[None]:
+    """A reply whose content does not matter once it has arrived and passed the checks (an ack)."""
+
+    def wait() -> None:
+        reply.result()
+
+    return Reply(wait)
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a valid reply of a device may contain (from the model and the config)."""
@@ -159,7 +168,7 @@ class RemoteWorker:
     def apply(self, slot: str, message: Message, lr: float) -> Reply[None]:
         message.values["lr"] = lr
         reply = self._request(message, Expectation("ack", message.round, message.step))
-        return Reply(lambda: reply.result() and None)
+        return _acknowledged(reply)
 
     def local_step(self, slot: str, lr: float) -> Reply[tuple[float, int]]:
         reply = self._request(self._call("local_step", lr=lr), Expectation("ack", 0, 0, finite_values=("loss", "tokens")))
@@ -180,7 +189,7 @@ class RemoteWorker:
                 k: (None, v.shape[1]) if ".lora_A." in k else (v.shape[0], None) for k, v in message.tensors.items()
             }
         reply = self._request(message, Expectation("ack", message.round, message.step), adapter=True)
-        return Reply(lambda: reply.result() and None)
+        return _acknowledged(reply)
 
     def forward_group(self, groups):  # noqa: ANN001 - devices run first stages only
         raise NotImplementedError(f"{self.name}: a remote device runs a first stage only")
