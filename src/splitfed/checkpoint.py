@@ -6,33 +6,48 @@ streams, the RNG state and the round/step counters. Workers are found in the pro
 topology, local or remote alike. Tensors go to
 a safetensors file, everything else to JSON; a round's directory is written under a
 temporary name and renamed, so a crash never leaves a half-written checkpoint behind.
+
+Each round's directory also holds ``manifest.json``: the size and SHA-256 of its other files,
+written before the rename and checked before a resume uses the checkpoint. A damaged
+checkpoint is refused with an error that names the file, what is wrong with it and the
+newest older checkpoint that verifies (``load_checkpoint(..., name="round-0001")``, on the
+command line ``--resume-from round-0001``). Checkpoints written before manifests existed
+still load, with a warning that they were not verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from splitfed.errors import CorruptFileError
 from splitfed.protocols.base import Protocol
 from splitfed.runtime.remote import DeviceDropped
 from splitfed.wire.state import flatten, unflatten
 
 TENSORS_FILE = "state.safetensors"
 META_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT = 2  # state.json's "format": 2 = the directory has a manifest (absent = written before manifests)
 LATEST = "latest"
+_ROUND_NAME = re.compile(r"round-(\d+)")
 LINK = "link/"
 log = logging.getLogger("splitfed.checkpoint")
 
 
 def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_loss: float) -> Path:
     tensors: dict[str, torch.Tensor] = {f"global/{k}": v for k, v in protocol.aggregator.global_state.items()}
-    meta: dict[str, object] = {"round": round_index, "step_index": protocol.step_index, "base_loss": base_loss}
+    meta: dict[str, object] = {"format": FORMAT, "round": round_index, "step_index": protocol.step_index,
+                               "base_loss": base_loss}
     tensors.update({f"{LINK}{k}": v for k, v in protocol.link.export_state().items()})
     for name, role in protocol.workers.items():
         try:
@@ -51,6 +66,7 @@ def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_
     staging.mkdir()
     save_file(tensors, staging / TENSORS_FILE)
     (staging / META_FILE).write_text(json.dumps(meta))
+    _write_manifest(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     (directory / f"{LATEST}.tmp").write_text(final.name)
@@ -58,20 +74,162 @@ def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_
     return final
 
 
-def load_checkpoint(protocol: Protocol, directory: Path) -> tuple[int, float]:
-    """Restore the latest checkpoint into ``protocol``; return (next round, base eval loss)."""
-    if not (directory / LATEST).is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from in {directory}")
-    path = directory / (directory / LATEST).read_text().strip()
-    tensors = load_file(path / TENSORS_FILE)
-    meta = json.loads((path / META_FILE).read_text())
+def load_checkpoint(protocol: Protocol, directory: Path, name: str | None = None) -> tuple[int, float]:
+    """Restore a checkpoint into ``protocol``; return (next round, base eval loss).
+
+    ``name`` (``round-NNNN``) picks one; None takes the one ``latest`` names. The checkpoint
+    is verified against its manifest first: a damaged one raises ``CorruptFileError`` naming
+    the file and the newest older checkpoint that verifies."""
+    path = _checkpoint_path(directory, name)
+    try:
+        tensors, meta = _read_checkpoint(path, warn=True)
+    except _Damaged as damage:
+        raise _refusal(directory, damage, path.name) from None
     protocol.aggregator.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
     protocol.link.import_state({k[len(LINK):]: v for k, v in tensors.items() if k.startswith(LINK)})
-    for name, role in protocol.workers.items():
-        if name not in meta:
+    for worker, role in protocol.workers.items():
+        if worker not in meta:
             continue
-        prefix = f"{name}/"
-        role.import_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[name])
+        prefix = f"{worker}/"
+        role.import_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[worker])
     torch.set_rng_state(unflatten(meta["rng"], tensors))
     protocol.step_index = meta["step_index"]
+    log.info("resuming from checkpoint %s (round %d done)", path, meta["round"])
     return meta["round"] + 1, meta["base_loss"]
+
+
+class _Damaged(Exception):
+    """One checkpoint file that failed verification (internal: becomes a CorruptFileError)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+             for name in (TENSORS_FILE, META_FILE)}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+
+
+def _round_index(name: str) -> int | None:
+    match = _ROUND_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def _rounds(directory: Path) -> list[Path]:
+    """The round checkpoints in ``directory``, oldest first."""
+    found = [p for p in directory.iterdir() if p.is_dir() and _round_index(p.name) is not None] if directory.is_dir() else []
+    return sorted(found, key=lambda p: _round_index(p.name))
+
+
+def _checkpoint_path(directory: Path, name: str | None) -> Path:
+    """The checkpoint directory to resume from: ``name``, or the one ``latest`` names."""
+    available = ", ".join(p.name for p in _rounds(directory)) or "none"
+    if name is not None:
+        index = _round_index(name) if not name.isdigit() else int(name)
+        if index is None:
+            raise FileNotFoundError(f"checkpoint {name!r}: expected a name like round-0001; in {directory}: {available}")
+        path = directory / f"round-{index:04d}"
+        if not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint {path.name} in {directory}; available: {available}")
+        return path
+    latest = directory / LATEST
+    if not latest.is_file():
+        fallback = _newest_verified(directory, before=None)
+        hint = f"; the newest checkpoint there that verifies is {fallback}: {_how_to_resume(fallback)}" if fallback else ""
+        raise FileNotFoundError(f"no checkpoint to resume from in {directory} (no {LATEST!r} file){hint}")
+    try:
+        target = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise _refusal(directory, _Damaged(latest, f"unreadable ({error})")) from None
+    if _round_index(target) is None:
+        raise _refusal(directory, _Damaged(latest, f"damaged (it holds {target[:40]!r}, not a round-NNNN name)"))
+    path = directory / target
+    if not path.is_dir():
+        raise _refusal(directory, _Damaged(latest, f"stale (it names {target}, which does not exist)"),
+                       before=_round_index(target))
+    return path
+
+
+def _read_checkpoint(path: Path, warn: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Verify one checkpoint directory against its manifest and read it; raise ``_Damaged``."""
+    manifest_path = path / MANIFEST_FILE
+    verified = manifest_path.is_file()
+    if verified:
+        try:
+            files = json.loads(manifest_path.read_text())["files"]
+            entries = {name: (int(files[name]["size"]), str(files[name]["sha256"])) for name in (TENSORS_FILE, META_FILE)}
+        except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _Damaged(manifest_path, f"not a valid manifest ({_short(error)})") from None
+        for name, (size, digest) in entries.items():
+            file = path / name
+            if not file.is_file():
+                raise _Damaged(file, "missing (listed in the manifest)")
+            actual = file.stat().st_size
+            if actual != size:
+                raise _Damaged(file, f"truncated or overwritten ({actual} bytes where the manifest says {size})")
+            if _sha256(file) != digest:
+                raise _Damaged(file, "corrupted (its SHA-256 differs from the manifest's)")
+    for name in (TENSORS_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise _Damaged(path / name, "missing")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except ValueError as error:
+        raise _Damaged(path / META_FILE, f"not valid JSON ({_short(error)})") from None
+    wanted = ("round", "step_index", "base_loss", "rng")
+    if not isinstance(meta, dict) or any(key not in meta for key in wanted):
+        raise _Damaged(path / META_FILE, f"not checkpoint state (expected an object with {', '.join(wanted)})")
+    if not verified and meta.get("format", 1) >= FORMAT:
+        raise _Damaged(manifest_path, "missing (this checkpoint was written with one)")
+    try:
+        tensors = load_file(path / TENSORS_FILE)
+    except (SafetensorError, OSError) as error:
+        raise _Damaged(path / TENSORS_FILE, f"truncated or corrupt (safetensors: {_short(error)})") from None
+    if not verified and warn:
+        log.warning("checkpoint %s has no %s (written by an older splitfed); not verified", path, MANIFEST_FILE)
+    return tensors, meta
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _newest_verified(directory: Path, before: int | None) -> str | None:
+    """The newest round checkpoint older than round ``before`` (any, if None) that verifies."""
+    for path in reversed(_rounds(directory)):
+        if before is not None and _round_index(path.name) >= before:
+            continue
+        try:
+            _read_checkpoint(path, warn=False)
+        except _Damaged:
+            continue
+        return path.name
+    return None
+
+
+def _how_to_resume(name: str) -> str:
+    return f"resume from it with `--resume-from {name}` (Python: run(..., resume_from={name!r}))"
+
+
+def _refusal(directory: Path, damage: _Damaged, name: str | None = None, before: int | None = None) -> CorruptFileError:
+    """The error for checkpoint ``name`` (or ``latest``) that cannot be used, naming the way back: the newest
+    checkpoint older than ``name`` (or round ``before``) that verifies."""
+    what = f"cannot resume from checkpoint {name}" if name is not None else "cannot resume"
+    fallback = _newest_verified(directory, before=_round_index(name) if name is not None else before)
+    if fallback:
+        advice = (f"the newest older checkpoint that verifies is {fallback}: {_how_to_resume(fallback)}; "
+                  "the rounds after it are trained again")
+    else:
+        advice = f"no older checkpoint in {directory} verifies; start the run again without --resume"
+    return CorruptFileError(f"{what}: {damage.path} is {damage.problem}; {advice}")

@@ -18,19 +18,38 @@ console = Console(stderr=True)
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key=value (repeatable).")]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")]
+ResumeFromOption = Annotated[Optional[str], typer.Option(
+    "--resume-from", metavar="round-NNNN",
+    help="Continue from this checkpoint of the run directory instead of the last one (implies --resume).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Show a bad config, data file or missing checkpoint as one line and exit with status 2."""
+    """Show an error the user can act on as one line, no traceback: a bad config, data file or
+    missing file exits with status 2; a damaged file, a refused or unreachable peer with 1."""
     from splitfed.config import ConfigError
+    from splitfed.data.sources import DataError
+    from splitfed.errors import SplitfedError
 
     try:
         yield
-    except (ConfigError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {rich.markup.escape(str(error))}")
+    except (ConfigError, DataError, FileNotFoundError) as error:
+        _print_error(error)
         raise typer.Exit(2) from None
+    except SplitfedError as error:
+        _print_error(error)
+        raise typer.Exit(1) from None
+
+
+def _print_error(error: Exception) -> None:
+    # soft_wrap: never folded at rich's 80 columns when stderr is a pipe or a file (logs, CI, grep)
+    console.print(f"[red]error:[/red] {rich.markup.escape(str(error))}", soft_wrap=True)
+
+
+def _resume_from(name: str | None) -> dict:
+    """The ``resume_from`` keyword, only when given (the run functions take ``resume`` alone too)."""
+    return {} if name is None else {"resume_from": name}
 
 
 @app.command()
@@ -39,6 +58,7 @@ def run(
     out: OutOption = None,
     set_: SetOption = None,
     resume: ResumeOption = False,
+    resume_from: ResumeFromOption = None,
     quiet: QuietOption = False,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan JSON from `splitfed plan` to apply.")] = None,
 ) -> None:
@@ -55,7 +75,8 @@ def run(
                               "and each device with `splitfed device --id N`")
         if cfg.runtime.kind == "ray":
             from splitfed.deploy import run_on_ray as run_experiment
-        summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume)
+        summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume or resume_from is not None,
+                                 **_resume_from(resume_from))
     print_summary(summary, out_dir, Console())
 
 
@@ -137,6 +158,7 @@ def serve(
     out: OutOption = None,
     set_: SetOption = None,
     resume: ResumeOption = False,
+    resume_from: ResumeFromOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Start the server (and aggregator); devices join with `splitfed device`."""
@@ -148,7 +170,8 @@ def serve(
     with user_errors():
         cfg = load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""])
         out_dir = out or Path("runs") / config.stem
-        summary = serve_run(cfg, out_dir, progress=not quiet, resume=resume)
+        summary = serve_run(cfg, out_dir, progress=not quiet, resume=resume or resume_from is not None,
+                            **_resume_from(resume_from))
     print_summary(summary, out_dir, Console())
 
 
@@ -172,9 +195,15 @@ def device(
 def _log_to_stderr() -> None:
     import logging
 
-    from rich.logging import RichHandler
+    if console.is_terminal:
+        from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", handlers=[RichHandler(console=console)])
+        handler: logging.Handler = RichHandler(console=console)
+        form = "%(name)s: %(message)s"
+    else:  # a pipe or a file: one plain line per record (RichHandler folds lines at 80 columns there)
+        handler = logging.StreamHandler(sys.stderr)
+        form = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=form, handlers=[handler])
 
 
 @app.command()
@@ -186,9 +215,10 @@ def prepare(
     from splitfed.data.sources import prepare_shakespeare
     from splitfed.models.loading import prepare_model
 
-    console.print(f"model: {prepare_model(model)}")
-    if data:
-        console.print(f"data: {prepare_shakespeare()}")
+    with user_errors():
+        console.print(f"model: {prepare_model(model)}", soft_wrap=True)
+        if data:
+            console.print(f"data: {prepare_shakespeare()}", soft_wrap=True)
 
 
 def main() -> None:

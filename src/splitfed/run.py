@@ -82,6 +82,16 @@ class MetricsLog:
         else:
             path.write_text("")
 
+    def keep_before(self, round_index: int) -> None:
+        """Forget the records of rounds from ``round_index`` on (a resumed run trains them again)."""
+        kept = [r for r in self.records if r.get("round", -1) < round_index]
+        if len(kept) == len(self.records):
+            return
+        self.records = kept
+        staging = self.path.with_name(f".{self.path.name}.tmp")
+        staging.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        staging.replace(self.path)
+
     def __call__(self, record: dict) -> None:
         self.records.append(record)
         with self.path.open("a") as handle:
@@ -106,12 +116,16 @@ def build_protocol(plan: ValidatedRun, log, remote: RemoteDevices | None = None)
 
 
 def run(
-    config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False, remote: RemoteDevices | None = None
+    config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False, remote: RemoteDevices | None = None,
+    resume_from: str | None = None,
 ) -> dict:
     """Run a whole experiment into ``out`` and return its summary.
 
+    ``resume``: continue from the latest checkpoint in ``out``; ``resume_from`` (``round-NNNN``,
+    implies ``resume``): from that checkpoint instead (e.g. the one a damaged latest names).
     ``remote``: handles of devices in other processes (gRPC or Ray); None runs every role here.
     """
+    resume = resume or resume_from is not None
     started = time.perf_counter()
     plan = plan_run(config)  # fail on a bad config before creating anything
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +136,8 @@ def run(
 
     first_round, base_loss = 0, None
     if resume:
-        first_round, base_loss = load_checkpoint(protocol, out / "checkpoints")
+        first_round, base_loss = load_checkpoint(protocol, out / "checkpoints", resume_from)
+        log.keep_before(first_round)  # records of a round that was cut off, or trained after the checkpoint
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
         if base_loss is None:

@@ -34,6 +34,14 @@ _GUTENBERG_END = re.compile(
 )
 
 
+# Text files: UTF-8 (a leading byte-order mark is dropped), else Latin-1; never a NUL byte, and a
+# Latin-1 reading may hold no control characters other than whitespace and ESC (random or binary
+# bytes always do; Windows-1252 punctuation in 0x80-0x9f passes).
+_TEXT_ALLOWED = "allowed: UTF-8 text (a byte-order mark is fine) or Latin-1 text without control characters"
+_JSONL_ALLOWED = "allowed: UTF-8 text (a byte-order mark is fine)"
+_LATIN1_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
+
+
 class DataError(ValueError):
     """Bad data input; the message names the file (and line) and what is allowed."""
 
@@ -116,11 +124,27 @@ def strip_gutenberg(text: str) -> str:
     return text.strip()
 
 
+def _refuse_nul(path: Path, raw: bytes, allowed: str) -> None:
+    """A NUL byte never occurs in text (UTF-16 files have one in every ASCII character)."""
+    nul = raw.find(b"\x00")
+    if nul < 0:
+        return
+    line = raw.count(b"\n", 0, nul) + 1
+    utf16 = " (it looks like UTF-16: save it as UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    raise DataError(f"{path}: not a text file: byte {nul} (line {line}) is NUL (0x00){utf16}; {allowed}")
+
+
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
+    _refuse_nul(path, raw, _TEXT_ALLOWED)
     try:
-        return _normalise(raw.decode("utf-8"))
-    except UnicodeDecodeError:
+        return _normalise(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        control = _LATIN1_CONTROL.search(raw)
+        if control:
+            raise DataError(f"{path}: not a text file: not valid UTF-8 ({exc.reason} at byte {exc.start}) and, read as "
+                            f"Latin-1, byte {control.start()} is control character 0x{raw[control.start()]:02x}; "
+                            f"{_TEXT_ALLOWED}") from None
         return _normalise(raw.decode("latin-1"))
 
 
@@ -154,11 +178,14 @@ def _parse_jsonl_line(line: str, where: str) -> Record:
 
 
 def _load_jsonl(path: Path) -> Document:
+    raw = path.read_bytes()
+    _refuse_nul(path, raw, _JSONL_ALLOWED)
     try:
-        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a string
+        lines = raw.decode("utf-8-sig").split("\n")  # not splitlines(): U+2028 may sit inside a string
     except UnicodeDecodeError as exc:
-        reason = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-        raise DataError(f"{path.name}: {reason}; JSONL must be UTF-8") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        reason = f"not valid UTF-8 ({exc.reason} at byte {exc.start}, line {line})"
+        raise DataError(f"{path.name}: {reason}; JSONL must be UTF-8 (a byte-order mark is fine)") from None
     records = tuple(_parse_jsonl_line(line, f"{path.name}:{i}") for i, line in enumerate(lines, 1) if line.strip())
     if not records:
         raise DataError(f"{path.name}: no records; expected one JSON object per line with 'text' or "

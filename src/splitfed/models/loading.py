@@ -16,11 +16,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from splitfed.errors import CorruptFileError
 from splitfed.models.families import family_for
 from splitfed.models.split import StageSpec
 from splitfed.paths import splitfed_home
@@ -124,10 +125,44 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
+def _corrupt_weights(path: Path, problem: str) -> CorruptFileError:
+    """The error for a damaged weights file, with the way to get a good one back."""
+    if path.parent.parent == splitfed_home() / "models":  # converted from a GGUF file: rebuildable
+        remedy = f"delete {path.parent} and run `splitfed prepare` (or `make demo`) to rebuild it"
+    else:
+        remedy = "replace it with a good copy of the model's weights"
+    return CorruptFileError(f"{path} is truncated or corrupt ({problem}); {remedy}")
+
+
+def _safetensors_reason(error: Exception) -> str:
+    return f"safetensors: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+
+
+def _check_weights(path: Path) -> None:
+    """Read a safetensors file's header: a truncated file or a garbled header fails here, before
+    any weights are loaded (the header records every tensor's extent, so truncation shows)."""
+    try:
+        with safe_open(path, framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _corrupt_weights(path, _safetensors_reason(error)) from None
+
+
 def load_model(source: str) -> nn.Module:
     """The whole model in fp32, frozen, in eval mode."""
     directory = _require_prepared(source)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    for path in sorted(directory.glob("model*.safetensors")):  # one file, or the shards of a sharded model
+        _check_weights(path)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, local_files_only=True, output_loading_info=True
+        )
+    except SafetensorError as error:
+        raise _corrupt_weights(directory / WEIGHTS_FILE, _safetensors_reason(error)) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would train on randomly initialised weights in their place
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise _corrupt_weights(directory / WEIGHTS_FILE, f"no tensor for {missing[0]!r}{more}")
     return _frozen(model)
 
 
@@ -144,13 +179,27 @@ def load_stage_model(source: str, spec: StageSpec) -> nn.Module:
         paths += family.embed_paths
     if spec.last:
         paths += family.final_paths
-    with safe_open(directory / WEIGHTS_FILE, framework="pt") as weights:
-        available = set(weights.keys())
-        for path in paths:
-            module = model.get_submodule(path)
-            module.to_empty(device="cpu")
-            for name, tensor in module.state_dict().items():
-                tensor.copy_(weights.get_tensor(_weight_key(f"{path}.{name}", available, config)))
+    weights_file = directory / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file}: no such file; a model directory needs its weights as {WEIGHTS_FILE}")
+    _check_weights(weights_file)
+    try:
+        with safe_open(weights_file, framework="pt") as weights:
+            available = set(weights.keys())
+            for path in paths:
+                module = model.get_submodule(path)
+                module.to_empty(device="cpu")
+                for name, tensor in module.state_dict().items():
+                    key = _weight_key(f"{path}.{name}", available, config)
+                    if key is None:
+                        raise _corrupt_weights(weights_file, f"no tensor for {f'{path}.{name}'!r}")
+                    stored = weights.get_tensor(key)
+                    if stored.shape != tensor.shape:
+                        raise _corrupt_weights(weights_file, f"tensor {key!r} has shape {tuple(stored.shape)}, "
+                                                             f"the model's config wants {tuple(tensor.shape)}")
+                    tensor.copy_(stored)
+    except SafetensorError as error:
+        raise _corrupt_weights(weights_file, _safetensors_reason(error)) from None
     for path in family.shared_paths:  # weight-free modules (rotary): rebuild their buffers on CPU
         parent, _, child = path.rpartition(".")
         old = model.get_submodule(path)
@@ -158,8 +207,8 @@ def load_stage_model(source: str, spec: StageSpec) -> nn.Module:
     return _frozen(model)
 
 
-def _weight_key(key: str, available: set[str], config: PretrainedConfig) -> str:
-    """Map a module key to the checkpoint key (tied heads, GPT-2 files without the prefix)."""
+def _weight_key(key: str, available: set[str], config: PretrainedConfig) -> str | None:
+    """Map a module key to the checkpoint key (tied heads, GPT-2 files without the prefix); None if absent."""
     candidates = [key]
     if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
         family = family_for(config)
@@ -168,4 +217,4 @@ def _weight_key(key: str, available: set[str], config: PretrainedConfig) -> str:
     for candidate in candidates:
         if candidate in available:
             return candidate
-    raise ModelSourceError(f"checkpoint has no tensor for {key!r}")
+    return None
