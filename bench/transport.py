@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -132,11 +133,13 @@ def grpc_throughput(megabytes: int = 64, repeats: int = 5) -> list[list[object]]
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                if direction == "device -> server":
-                    session.expect_reply()
-                    device.send(Message("activations", "d", 0, 0, {"hidden": tensor, "attention_mask": tensor[:1].long(),
-                                                                   "labels": tensor[:1].long()}))
-                    session.receive(timeout=60)
+                if direction == "device -> server":  # a small request answered by the large reply
+                    reply = Message("activations", "d", 0, 0, {"hidden": tensor, "attention_mask": tensor[:1].long(),
+                                                                "labels": tensor[:1].long()})
+                    answer = threading.Thread(target=lambda: device.send(reply, reply_to=device.receive(timeout=60).id))
+                    answer.start()
+                    session.request(Message("call", "server", 0, 0, values={"op": "forward"}), timeout=60)
+                    answer.join()
                 else:
                     session.send(Message("adapter_download", "s", 0, 0, {"w": tensor}))
                     device.receive(timeout=60)

@@ -47,11 +47,6 @@ def _print_error(error: Exception) -> None:
     console.print(f"[red]error:[/red] {rich.markup.escape(str(error))}", soft_wrap=True)
 
 
-def _resume_from(name: str | None) -> dict:
-    """The ``resume_from`` keyword, only when given (the run functions take ``resume`` alone too)."""
-    return {} if name is None else {"resume_from": name}
-
-
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config (see examples/).")],
@@ -76,7 +71,7 @@ def run(
         if cfg.runtime.kind == "ray":
             from splitfed.deploy import run_on_ray as run_experiment
         summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume or resume_from is not None,
-                                 **_resume_from(resume_from))
+                                 resume_from=resume_from)
     print_summary(summary, out_dir, Console())
 
 
@@ -171,7 +166,7 @@ def serve(
         cfg = load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""])
         out_dir = out or Path("runs") / config.stem
         summary = serve_run(cfg, out_dir, progress=not quiet, resume=resume or resume_from is not None,
-                            **_resume_from(resume_from))
+                            resume_from=resume_from)
     print_summary(summary, out_dir, Console())
 
 
@@ -194,6 +189,11 @@ def device(
 
 def _log_to_stderr() -> None:
     import logging
+    import os
+
+    # gRPC's C core would print its own copy of errors we report in one line (e.g. a port in use);
+    # GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings its messages back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
     if console.is_terminal:
         from rich.logging import RichHandler

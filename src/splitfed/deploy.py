@@ -11,12 +11,16 @@ built from the protocol's declared topology (``host_devices``), so any protocol 
 from __future__ import annotations
 
 import logging
+import os
+import random
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 import torch
 
-from splitfed.adapters.lora import add_adapter, layout_config
+from splitfed.adapters.lora import add_adapter, get_adapter_state, layout_config
 from splitfed.config import ConfigError, RunConfig, RuntimeSection, parse_config
 from splitfed.models.families import family_for, num_layers
 from splitfed.models.loading import load_model_config, load_stage_model, load_tokenizer, prepare_model
@@ -25,13 +29,15 @@ from splitfed.protocols.base import adapter_layout
 from splitfed.registry import protocol_class
 from splitfed.roles.worker import StageWorker
 from splitfed.run import build_data, plan_run, run
-from splitfed.runtime.endpoint import HostedDevice, respond, serve_device
-from splitfed.runtime.grpc.transport import GrpcTransport, LinkServer, TransportSettings, connect
+from splitfed.errors import RefusedError, UnreachableError
+from splitfed.runtime.endpoint import HostedDevice, refusal, respond, serve_device
+from splitfed.runtime.grpc.transport import GrpcTransport, LinkServer, TransportSettings, connect, wait_before_redial
 from splitfed.runtime.link import message_codec
 from splitfed.runtime.ray import RayTransport
-from splitfed.runtime.remote import Limits, RemoteDevices
+from splitfed.runtime.remote import DeviceLost, Limits, RemoteDevices
 from splitfed.seeding import Purpose, derive_seed
-from splitfed.wire.messages import decode, encode
+from splitfed.wire.messages import MessageError, decode, encode
+from splitfed.wire.schema import Bounds
 
 log = logging.getLogger("splitfed.deploy")
 
@@ -62,15 +68,22 @@ def host_devices(config: RunConfig, devices: list[int]) -> dict[int, HostedDevic
         if config.runtime.trace_dir:
             Path(config.runtime.trace_dir).mkdir(parents=True, exist_ok=True)
             trace = Path(config.runtime.trace_dir) / f"{stage.worker}.jsonl"
-        hosted[u] = HostedDevice(u, worker, trace)
+        adapter = {k: tuple(v.shape) for k, v in get_adapter_state(model, stage.worker).items()}
+        servers = frozenset({"server", "aggregator", topology.aggregator, *(s.worker for s in topology.routes[u].stages[1:])})
+        hosted[u] = HostedDevice(u, worker, replace(message_bounds(config), adapter=adapter), servers, trace)
     return hosted
+
+
+def message_bounds(config: RunConfig) -> Bounds:
+    """What a message between the server and a device may hold, from the model and the config."""
+    model_config = load_model_config(config.model.source)
+    return Bounds(int(model_config.hidden_size), int(model_config.vocab_size), config.train.seq_len,
+                  config.train.batch_size)
 
 
 def remote_devices(config: RunConfig, transport, concurrent: bool = True) -> RemoteDevices:
     """Handles for the devices of ``config`` reached over ``transport``, with the run's limits."""
-    model_config = load_model_config(config.model.source)
-    limits = Limits(int(model_config.hidden_size), int(model_config.vocab_size), config.train.seq_len,
-                    config.train.batch_size, config.runtime.request_timeout_s)
+    limits = Limits(message_bounds(config), config.runtime.request_timeout_s)
     return RemoteDevices(transport, limits, concurrent=concurrent)
 
 
@@ -84,7 +97,7 @@ def transport_settings(runtime: RuntimeSection) -> TransportSettings:
 
 
 def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False,
-          concurrent: bool = True) -> dict:
+          resume_from: str | None = None, concurrent: bool = True) -> dict:
     """Run the server side (and aggregator) of a gRPC deployment; returns the run summary.
 
     ``concurrent=False`` sends the devices' requests one at a time (for measurements only)."""
@@ -99,8 +112,9 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
             missing = sorted(set(devices) - set(connected))
             raise ConfigError(f"devices {missing} did not connect within runtime.connect_timeout_s={runtime.connect_timeout_s:g} s")
         remote = remote_devices(config, GrpcTransport(server), concurrent)
+        server.screen = remote.screen
         try:
-            return run(config, out, progress=progress, resume=resume, remote=remote)
+            return run(config, out, progress=progress, resume=resume, resume_from=resume_from, remote=remote)
         finally:
             remote.stop_all()
     finally:
@@ -119,12 +133,30 @@ def run_device(config: RunConfig, device: int, *, address: str | None = None, to
     slot = next(iter(hosted.worker.slots.values()))
     log.info("device %d: layers %d..%d, %d training sequences, dialing %s", device, slot.stage.spec.start,
              slot.stage.spec.end - 1, slot.num_samples, address)
-    # A lost connection (server restart, network) is retried until the server says stop.
+    # A lost connection (server restart, network) is redialed with backoff until the server says stop;
+    # a refusal of the credentials is final, and so is a server unreachable for runtime.connect_timeout_s.
+    budget = config.runtime.connect_timeout_s
+    jitter = random.Random(derive_seed(config.seed, Purpose.BATCHES, device) ^ os.getpid()).random
+    lost_since, attempt = time.monotonic(), 0
     while True:
-        session = connect(address, device, token, settings, ready_timeout_s=config.runtime.connect_timeout_s)
+        remaining = budget - (time.monotonic() - lost_since)
+        if remaining <= 0:
+            raise UnreachableError(f"device {device}: server {address} not reachable for {budget:g} s "
+                                   "(runtime.connect_timeout_s); giving up")
+        try:
+            session = connect(address, device, token, settings, ready_timeout_s=remaining)
+        except DeviceLost:
+            continue
         if serve_device(hosted, session, codec):
             return
-        log.info("device %d: reconnecting", device)
+        if session.credentials_refused:
+            raise RefusedError(f"device {device}: the server at {address} refused this device ({session.end_reason}); "
+                               f"check --id, --token (runtime.tokens[{device}]) and the TLS certificates")
+        if session.received:  # it worked for a while: the budget starts again from now
+            lost_since, attempt = time.monotonic(), 0
+        log.info("device %d: connection ended (%s); redialing", device, session.end_reason)
+        wait_before_redial(attempt, budget - (time.monotonic() - lost_since), jitter)
+        attempt += 1
 
 
 # --- Ray ------------------------------------------------------------------------------------
@@ -138,11 +170,17 @@ class DeviceHost:
         self.codec = message_codec(config)
 
     def call(self, device: int, payload: bytes) -> bytes:
-        reply = respond(self.devices[device], decode(payload), self.codec)
+        hosted = self.devices[device]
+        try:
+            request = decode(payload)
+        except MessageError as error:
+            return encode(refusal(hosted, str(error)[:500]))
+        reply = respond(hosted, request, self.codec)
         return b"" if reply is None else encode(reply)
 
 
-def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False) -> dict:
+def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False,
+               resume_from: str | None = None) -> dict:
     """Run an experiment whose devices are Ray actors; returns the run summary.
 
     Requests to devices of different host actors run at the same time; the devices of one
@@ -161,7 +199,7 @@ def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: b
         remote = remote_devices(config, transport)
         log.info("%d devices on %d Ray host actors", count, len(actors))
         try:
-            return run(config, out, progress=progress, resume=resume, remote=remote)
+            return run(config, out, progress=progress, resume=resume, resume_from=resume_from, remote=remote)
         finally:
             remote.stop_all()
     finally:

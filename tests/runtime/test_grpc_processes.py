@@ -31,14 +31,15 @@ COMPRESSED = (  # lossy stochastic codecs with error feedback on both ends: resi
 )
 
 
-def write_config(path, model_dir, corpus_dir, protocol: str, cuts: str, port: int, extra: str = "") -> None:
-    tokens = ", ".join(f'"token-{i}"' for i in range(DEVICES))
+def write_config(path, model_dir, corpus_dir, protocol: str, cuts: str, port: int, extra: str = "",
+                 devices: int = DEVICES) -> None:
+    tokens = ", ".join(f'"token-{i}"' for i in range(devices))
     path.write_text(
         f'protocol = "{protocol}"\nseed = 3\n[model]\nsource = "{model_dir}"\n'
         f'[data]\nsource = "{corpus_dir}"\npartition = "iid"\neval_chunks = 8\n'
         f'[lora]\nrank = 4\nalpha = 8.0\n'
         f'[train]\nrounds = 2\nlocal_steps = 2\nbatch_size = 4\nseq_len = 32\nlr = 1e-2\n'
-        f'[devices]\ncount = {DEVICES}\ncuts = {cuts}\n'
+        f'[devices]\ncount = {devices}\ncuts = {cuts}\n'
         f'[runtime]\naddress = "127.0.0.1:{port}"\ntokens = [{tokens}]\nrequest_timeout_s = 60\nconnect_timeout_s = 120\ndevice_threads = 1\n'
         + extra
     )

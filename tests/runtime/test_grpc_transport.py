@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import torch
 
-from splitfed.runtime.grpc.frames import HEADER, FrameError, Reassembler, split_frames
+from splitfed.runtime.grpc.frames import HEADER, Assembled, FrameError, Reassembler, split_frames
 from splitfed.runtime.grpc.transport import LinkServer, TransportSettings, connect
 from splitfed.runtime.remote import DeviceLost
-from splitfed.wire.messages import Message, MessageError
+from splitfed.wire.messages import Message, encode
 
 SETTINGS = TransportSettings(chunk_size=64 << 10, max_message_bytes=16 << 20, keepalive_ms=2000)
 
@@ -31,26 +32,42 @@ def test_frames_round_trip_and_reject_garbage():
     reassembler = Reassembler(max_message_bytes=1 << 20)
     frames = split_frames(7, data, chunk_size=10_000)
     assert [reassembler.feed(f) for f in frames[:-1]] == [None] * (len(frames) - 1)
-    assert reassembler.feed(frames[-1]) == data
-    with pytest.raises(FrameError, match="shorter than its 16-byte header"):
+    assert reassembler.feed(frames[-1]).data == data
+    with pytest.raises(FrameError, match="shorter than its 24-byte header"):
         reassembler.feed(b"abc")
     with pytest.raises(FrameError, match="out of order"):
         reassembler.feed(frames[2])
     with pytest.raises(FrameError, match="size limit"):
-        Reassembler(max_message_bytes=100).feed(HEADER.pack(1, 0, 1) + b"x" * 101)
+        Reassembler(max_message_bytes=100).feed(HEADER.pack(1, 0, 0, 1) + b"x" * 101)
+    reply = split_frames(8, b"abc", reply_to=7)[0]
+    assert Reassembler(1 << 20).feed(reply) == Assembled(b"abc", 8, 7)
+
+
+def _answer(device, reply: Message) -> None:
+    """The device end answers the next request it receives with ``reply``."""
+    request = device.receive(timeout=10)
+    device.send(reply, reply_to=request.id)
+
+
+def _request_in_thread(session, message: Message) -> dict:
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(reply=session.request(message, timeout=10)))
+    thread.start()
+    result["thread"] = thread
+    return result
 
 
 def test_authenticated_device_exchanges_large_messages(server):
     device = connect(_address(server), 0, "secret-0", SETTINGS)
     assert server.wait_for([0], timeout=10) == [0]
     hidden = torch.randn(8, 128, 576)  # 2.4 MB: many frames
-    sent = server.session(0).send(Message("call", "server", 1, 2, {"hidden": hidden}, {"op": "forward"}))
-    message, size = device.receive(timeout=10)
-    assert size == sent and message.values == {"op": "forward"} and torch.equal(message.tensors["hidden"], hidden)
-    server.session(0).expect_reply()
-    device.send(Message("ack", "device0", 1, 2))
-    reply, _ = server.session(0).receive(timeout=10)
-    assert reply.kind == "ack"
+    pending = _request_in_thread(server.session(0), Message("call", "server", 1, 2, {"hidden": hidden}, {"op": "forward"}))
+    message, size, request_id = device.receive(timeout=10)
+    assert message.values == {"op": "forward"} and torch.equal(message.tensors["hidden"], hidden)
+    device.send(Message("ack", "device0", 1, 2), reply_to=request_id)
+    pending["thread"].join(timeout=10)
+    reply, sent, received = pending["reply"]
+    assert reply.kind == "ack" and sent == size and received == len(encode(Message("ack", "device0", 1, 2)))
 
 
 @pytest.mark.slow  # waits 16 s
@@ -65,11 +82,10 @@ def test_idle_stream_survives_keepalive_pings():
         for _ in range(2):
             session = link.session(0)
             assert session is not None, "the idle device was disconnected"
-            session.expect_reply()
-            session.send(Message("call", "server", 0, 0, values={"op": "forward"}))
-            device.receive(timeout=10)
-            device.send(Message("ack", "device0", 0, 0))
-            assert session.receive(timeout=10)[0].kind == "ack"
+            pending = _request_in_thread(session, Message("call", "server", 0, 0, values={"op": "forward"}))
+            _answer(device, Message("ack", "device0", 0, 0))
+            pending["thread"].join(timeout=10)
+            assert pending["reply"][0].kind == "ack"
             time.sleep(8)  # several pings without data
     finally:
         link.stop(grace=0)
@@ -80,20 +96,23 @@ def test_wrong_token_or_unknown_id_is_refused(server, device, token, reason):
     intruder = connect(_address(server), device, token, SETTINGS)
     with pytest.raises(DeviceLost, match=reason):
         intruder.receive(timeout=10)
-    assert server.session(device) is None and server.rejected
+    assert server.session(device) is None and server.rejected.count == 1
 
 
-def test_bad_frame_is_an_error_then_the_stream_goes_on(server):
+def test_bad_frame_is_refused_and_cannot_take_the_replys_place(server):
     device = connect(_address(server), 1, "secret-1", SETTINGS)
     server.wait_for([1], timeout=10)
     session = server.session(1)
-    session.expect_reply()
+    pending = _request_in_thread(session, Message("call", "server", 0, 0, values={"op": "report"}))
+    request = device.receive(timeout=10)
     device._outbox.put(b"\x00" * 3)  # a malformed frame straight onto the wire
-    with pytest.raises(MessageError, match="shorter than its 16-byte header"):
-        session.receive(timeout=10)
-    session.expect_reply()
-    device.send(Message("ack", "device1", 0, 0))
-    assert session.receive(timeout=10)[0].kind == "ack"
+    device.send(Message("ack", "device1", 0, 0), reply_to=request.id + 1000)  # answers nothing outstanding
+    error = device.receive(timeout=10).message
+    assert error.kind == "error" and "shorter than its 24-byte header" in error.values["reason"]
+    assert "unsolicited ack" in device.receive(timeout=10).message.values["reason"]
+    device.send(Message("ack", "device1", 0, 0), reply_to=request.id)
+    pending["thread"].join(timeout=10)
+    assert pending["reply"][0].kind == "ack" and session.refused.count == 2
 
 
 def test_unsolicited_messages_are_answered_with_errors(server):
@@ -105,7 +124,7 @@ def test_unsolicited_messages_are_answered_with_errors(server):
     replies = [device.receive(timeout=10)[0] for _ in range(4)]
     assert [r.kind for r in replies] == ["error"] * 4
     assert "unsolicited ack" in replies[0].values["reason"] and "header" in replies[3].values["reason"]
-    assert server.session(0).refused == 4
+    assert server.session(0).refused.count == 4
 
 
 def _make_certificates(directory) -> dict[str, object]:
@@ -150,6 +169,7 @@ def test_mutual_tls_admits_only_devices_with_a_certificate(tmp_path):
 def test_device_whose_server_vanishes_mid_request_reconnects_instead_of_crashing(tiny_llama_dir, corpus_dir):
     """The server dies while the device computes its reply: sending it fails, and the device
     goes back to dialing (serve_device returns False) rather than raising out of the process."""
+    from splitfed.deploy import message_bounds
     from splitfed.run import build_protocol, plan_run
     from splitfed.runtime.endpoint import HostedDevice, serve_device
     from splitfed.runtime.grpc.transport import Session
@@ -160,8 +180,8 @@ def test_device_whose_server_vanishes_mid_request_reconnects_instead_of_crashing
     config = tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", devices={"count": 1, "cuts": [2]})
     protocol, _ = build_protocol(plan_run(config), log=lambda record: None)
     session = Session("server", SETTINGS)
-    for frame in split_frames(0, encode(Message("call", "server", 0, 0, values={"op": "report"})), SETTINGS.chunk_size):
+    for frame in split_frames(1, encode(Message("call", "server", 0, 0, values={"op": "report"})), SETTINGS.chunk_size):
         session.feed(frame)  # a request arrives ...
     session.close("server killed")  # ... and the stream ends before the reply goes out
-    hosted = HostedDevice(0, protocol.workers["device0"].worker)
+    hosted = HostedDevice(0, protocol.workers["device0"].worker, message_bounds(config), frozenset({"server"}))
     assert serve_device(hosted, session, message_codec(config)) is False

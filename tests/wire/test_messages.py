@@ -47,9 +47,10 @@ def test_corrupt_payloads_raise_clear_errors(mutate, expected):
     ("message", "expected"),
     [
         (Message("gossip", "d", 0, 0), "unknown message kind 'gossip'"),
-        (Message("activations", "d", 0, 0, {"hidden": torch.zeros(1)}), "lacks tensors"),
-        (Message("clip_scale", "d", 0, 0), r"lacks values \['scale'\]"),
         (Message("clip_scale", "d", -1, 0, values={"scale": 1.0}), "invalid round"),
+        (Message("clip_scale", "d", 0, 2**31, values={"scale": 1.0}), "invalid step"),
+        (Message("ack", "d" * 300, 0, 0), "sender"),
+        (Message("ack", "d", 0, 0, values={"flag": True}), "is a bool"),
     ],
 )
 def test_invalid_messages_name_the_problem(message, expected):

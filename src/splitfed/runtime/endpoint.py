@@ -2,9 +2,12 @@
 
 Transport-agnostic: ``serve_device`` reads messages from any session with ``receive`` and
 ``send``. Compressed tensors are unpacked on arrival and replies packed with the run's
-codecs (``wire.compression``), so the worker itself never sees codecs. A request that fails
-is answered with an ``error`` message; the process keeps serving until the server says
-``stop`` or the connection ends.
+codecs (``wire.compression``), so the worker itself never sees codecs. Every request is
+checked before the worker sees it, as strictly as the server checks replies: its sender
+(one of the server's roles), its kind's schema with this device's bounds (its exact
+adapter shapes; a gradient's batch equals the pending forward's). A request that fails,
+whatever it raises, is answered with a short ``error`` message; the process keeps serving
+until the server says ``stop`` or the connection ends.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from splitfed.roles.worker import StageWorker
 from splitfed.wire.compression import MessageCodec
-from splitfed.wire.messages import Message, MessageError
+from splitfed.wire.messages import Message, MessageError, shown
+from splitfed.wire.schema import Bounds, check
 
 log = logging.getLogger("splitfed.device")
 
@@ -32,8 +36,14 @@ class HostedDevice:
 
     id: int
     worker: StageWorker
+    bounds: Bounds
+    """What the server may send this device (its adapter's exact shapes included)."""
+    servers: frozenset[str]
+    """Senders the server's messages may name: the roles the server process runs for this device."""
     trace: Path | None = None
     """Where to append one JSON line per request served (``runtime.trace_dir``), or None."""
+    refused: int = field(default=0, compare=False)
+    """Requests answered with an error so far."""
 
     @property
     def name(self) -> str:
@@ -97,41 +107,83 @@ def is_stop(message: Message) -> bool:
     return message.kind == "call" and message.values.get("op") == "stop"
 
 
+REQUESTS = ("activation_grad", "clip_scale", "adapter_download", "call", "role_state")
+"""Kinds the server sends a device as requests (an ``error`` is a notice that needs no answer)."""
+
+
+def checked_request(device: HostedDevice, message: Message, codec: MessageCodec) -> Message:
+    """The unpacked request if it is one this device may be sent; else MessageError naming what is wrong."""
+    if message.kind not in REQUESTS:
+        raise MessageError(f"a {message.kind} message is not a request a device answers")
+    if message.sender not in device.servers:
+        raise MessageError(f"sender {shown(message.sender, 40)} is not one of the server's roles "
+                           f"{sorted(device.servers)}")
+    dense = codec.unpack(device.id, message)
+    bounds = device.bounds
+    if message.kind == "activation_grad":
+        pending = next(iter(device.worker.slots.values())).pending
+        if pending is None:
+            raise MessageError("activation_grad without a pending forward pass")
+        bounds = replace(bounds, batch=int(pending.outputs.shape[0]))
+    return check(dense, bounds)
+
+
 def respond(device: HostedDevice, message: Message, codec: MessageCodec) -> Message | None:
-    """The packed reply to a request (an ``error`` message if it fails), or None if none is due."""
-    if is_stop(message):
-        return None
+    """The packed reply to a request (a short ``error`` message if it fails), or None if none is due
+    (an error notice, or a valid stop)."""
     if message.kind == "error":  # the server refused our last reply; it expects nothing back
-        log.warning("%s: server refused our message: %s", device.name, message.values.get("reason"))
+        log.warning("%s: server refused our message: %s", device.name, shown(message.values.get("reason"), 300))
         return None
     try:
+        request = checked_request(device, message, codec)
+        if is_stop(request):
+            return None
         started = time.time()
-        reply = handle(device, codec.unpack(device.id, message), codec)
+        reply = handle(device, request, codec)
         device.record(operation(message), message, started, time.time())
         return codec.pack("up", device.id, reply)
-    except (MessageError, KeyError, ValueError, RuntimeError) as error:
-        log.warning("%s: request %s failed: %s", device.name, message.kind, error)
-        return Message("error", device.name, message.round, message.step, values={"reason": str(error)})
+    except Exception as error:  # noqa: BLE001 - whatever a request makes the worker raise, the device answers
+        text = str(error) if isinstance(error, MessageError) else shown(str(error), 300)
+        return refusal(device, f"{message.kind} request failed: {text}"[:500], message.round, message.step)
+
+
+def wants_stop(device: HostedDevice, message: Message, codec: MessageCodec) -> bool:
+    """True for a valid stop request from the server."""
+    if not is_stop(message):
+        return False
+    try:
+        checked_request(device, message, codec)
+    except MessageError:
+        return False
+    return True
+
+
+def refusal(device: HostedDevice, reason: str, round_index: int = 0, step: int = 0) -> Message:
+    """The error message a device answers a bad request with (logged, bounded)."""
+    device.refused += 1
+    if device.refused <= 10 or device.refused % 1000 == 0:
+        log.warning("%s: refused request %d: %s", device.name, device.refused, reason)
+    return Message("error", device.name, round_index, step, values={"reason": reason})
 
 
 def serve_device(device: HostedDevice, session, codec: MessageCodec) -> bool:
     """Answer the server's requests; True when the server said stop, False when the connection ended."""
     while True:
+        request_id = 0
         try:
-            message, _ = session.receive(timeout=None)
+            message, _, request_id = session.receive(timeout=None)
+            if wants_stop(device, message, codec):
+                return True
+            reply = respond(device, message, codec)
         except ConnectionError as error:
             log.info("%s: connection ended: %s", device.name, error)
             return False
-        except MessageError as error:
-            log.warning("%s: bad message from the server: %s", device.name, error)
-            continue
-        if is_stop(message):
-            return True
-        reply = respond(device, message, codec)
+        except MessageError as error:  # a frame or payload that is not a message at all
+            reply, request_id = refusal(device, str(error)[:500]), getattr(error, "id", 0)
         if reply is None:
             continue
         try:
-            session.send(reply)
+            session.send(reply, reply_to=request_id)
         except ConnectionError as error:  # the server went away while we computed the reply
             log.info("%s: connection ended before the reply was sent: %s", device.name, error)
             return False

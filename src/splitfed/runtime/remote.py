@@ -4,7 +4,7 @@ as a local worker (``runtime.handles``).
 A protocol calls ``handle.forward(...)``, ``handle.backward(...)`` ... exactly as in-process;
 a RemoteWorker sends each call as a request over a ``Transport`` (gRPC streams, Ray actors)
 on a thread pool and returns at once, so the requests to a group's devices run at the same
-time. ``result()`` waits for the reply (with a deadline), checks it (``wire.validate``),
+time. ``result()`` waits for the reply (with a deadline), checks it (``wire.schema``),
 unpacks it and counts its bytes on the protocol's thread. A reply that fails the checks is
 answered with an ``error`` message and raises DeviceDropped: the protocol drops that device
 from the round and serves the others.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import NoReturn, Protocol
 
 import torch
 
@@ -24,7 +24,7 @@ from splitfed.runtime.futures import Reply, run_later
 from splitfed.runtime.inproc import InProcessLink
 from splitfed.topology import Hop
 from splitfed.wire.messages import Message, MessageError
-from splitfed.wire.validate import Expectation, TensorSpec, validate
+from splitfed.wire.schema import Bounds, check, check_reply
 
 log = logging.getLogger("splitfed.remote")
 
@@ -69,12 +69,9 @@ def _acknowledged(reply: Reply[Message]) -> Reply[None]:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a valid reply of a device may contain (from the model and the config)."""
+    """What a valid reply of a device may contain (``bounds``, from the model and the config), and how long it may take."""
 
-    hidden_size: int
-    vocab_size: int
-    seq_len: int
-    max_batch: int
+    bounds: Bounds
     timeout_s: float
 
 
@@ -93,11 +90,12 @@ class RemoteWorker:
         self.link = link
         self.pool = pool
         self.limits = limits
-        self._adapter_shapes: dict[str, tuple[int | None, ...]] | None = None
+        self.bounds = limits.bounds
+        """What this device may send; the first download fixes its adapter's exact shapes (its rank)."""
         self._report: dict | None = None
 
     # --- transport ------------------------------------------------------------------------
-    def _request(self, message: Message, expected: Expectation, adapter: bool = False) -> Reply[Message]:
+    def _request(self, message: Message, reply_kind: str, adapter: bool = False) -> Reply[Message]:
         """Send a request (packed by the codec) now; the reply is counted, unpacked and checked in ``result()``."""
         codec = self.link.codec
         packed = codec.pack("down", self.id, message)
@@ -110,11 +108,12 @@ class RemoteWorker:
                 self._refuse(message, str(outcome))
             reply, sent, received = outcome
             self.link.record(hop.reverse(), self.id, sent, "down", message.kind)
-            self.link.record(hop, self.id, received, "up", expected.kind)
+            self.link.record(hop, self.id, received, "up", reply_kind)
             codec.tally(packed, sent)
             try:
-                dense = codec.unpack(self.id, reply) if reply.kind == expected.kind else reply
-                checked = validate(dense, expected)
+                dense = codec.unpack(self.id, reply) if reply.kind == reply_kind else reply
+                checked = check_reply(dense, self.bounds, kind=reply_kind, round_index=message.round,
+                                      step=message.step, sender=self.name)
             except MessageError as error:
                 self._refuse(message, str(error))
             codec.tally(reply, received)
@@ -128,68 +127,42 @@ class RemoteWorker:
 
         return run_later(self.pool, send, finish)
 
+    def screen(self, message: Message) -> None:
+        """Check a message of this device against its kind's schema (MessageError if it fails)."""
+        check(self.link.codec.unpack(self.id, message), self.bounds)
+
     def _call(self, op: str, round_index: int = 0, step: int = 0, **values: float) -> Message:
         return Message("call", "server", round_index, step, values={"op": op, **values})
 
     # --- the worker handle interface ------------------------------------------------------------
     def forward(self, slot: str, round_index: int, step: int) -> Reply[Message]:
-        limits = self.limits
-        seq, batch_axis = limits.seq_len, None
-        expected = Expectation("activations", round_index, step, {
-            "hidden": TensorSpec((batch_axis, seq, limits.hidden_size), torch.float32, finite=True),
-            "attention_mask": TensorSpec((batch_axis, seq), torch.int64, value_range=(0, 2)),
-            "labels": TensorSpec((batch_axis, seq), torch.int64, value_range=(0, limits.vocab_size),
-                                 extra_values=(-100,)),
-        })
-        reply = self._request(self._call("forward", round_index, step), expected)
-
-        def checked() -> Message:
-            message = reply.result()
-            sizes = {t.shape[0] for t in message.tensors.values()}
-            if len(sizes) != 1 or sizes.pop() > limits.max_batch:
-                self._refuse(message, f"batch sizes {sorted({t.shape[0] for t in message.tensors.values()})} "
-                                      f"differ or exceed train.batch_size={limits.max_batch}")
-            return message
-
-        return Reply(checked)
+        return self._request(self._call("forward", round_index, step), "activations")
 
     def backward(self, slot: str, message: Message) -> Reply[Message]:
-        expected = Expectation("grad_norm", message.round, message.step, finite_values=("sq_norm",))
-        reply = self._request(message, expected)
-
-        def checked() -> Message:
-            answer = reply.result()
-            if answer.values["sq_norm"] < 0:
-                self._refuse(answer, "sq_norm is negative")
-            return answer
-
-        return Reply(checked)
+        return self._request(message, "grad_norm")
 
     def apply(self, slot: str, message: Message, lr: float) -> Reply[None]:
         message.values["lr"] = lr
-        reply = self._request(message, Expectation("ack", message.round, message.step))
-        return _acknowledged(reply)
+        return _acknowledged(self._request(message, "ack"))
 
     def local_step(self, slot: str, lr: float) -> Reply[tuple[float, int]]:
-        reply = self._request(self._call("local_step", lr=lr), Expectation("ack", 0, 0, finite_values=("loss", "tokens")))
-        return Reply(lambda: (float(reply.result().values["loss"]), int(reply.result().values["tokens"])))
+        reply = self._request(self._call("local_step", lr=lr), "ack")
+
+        def result() -> tuple[float, int]:
+            values = reply.result().values
+            if "loss" not in values or "tokens" not in values:
+                self._refuse(reply.result(), "a local_step ack must carry loss and tokens")
+            return float(values["loss"]), int(values["tokens"])
+
+        return Reply(result)
 
     def upload(self, slot: str, round_index: int) -> Reply[Message]:
-        shapes = self._adapter_shapes or {}
-        expected = Expectation(
-            "adapter_upload", round_index, 0,
-            {k: TensorSpec(s, torch.float32, finite=True) for k, s in shapes.items()},
-            exact_tensors=bool(shapes), finite_values=("num_samples",),
-        )
-        return self._request(self._call("upload", round_index), expected, adapter=True)
+        return self._request(self._call("upload", round_index), "adapter_upload", adapter=True)
 
     def download(self, slot: str, message: Message) -> Reply[None]:
-        if self._adapter_shapes is None:  # the first download fixes the adapter's layout; ranks may differ
-            self._adapter_shapes = {
-                k: (None, v.shape[1]) if ".lora_A." in k else (v.shape[0], None) for k, v in message.tensors.items()
-            }
-        reply = self._request(message, Expectation("ack", message.round, message.step), adapter=True)
-        return _acknowledged(reply)
+        if self.bounds.adapter is None:  # the device's own slice of the global adapter: its exact shapes
+            self.bounds = replace(self.bounds, adapter={k: tuple(v.shape) for k, v in message.tensors.items()})
+        return _acknowledged(self._request(message, "ack", adapter=True))
 
     def forward_group(self, groups):  # noqa: ANN001 - devices run first stages only
         raise NotImplementedError(f"{self.name}: a remote device runs a first stage only")
@@ -203,23 +176,19 @@ class RemoteWorker:
         """Nothing to do here: a device discards an unfinished step's gradients at its next forward."""
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        reply = self._request(self._call("export_state"), Expectation("role_state", 0, 0, exact_tensors=False))
-        message = reply.result()
-        try:
-            meta = json.loads(message.values["meta"])
-        except (ValueError, TypeError) as error:
-            self._refuse(message, f"role_state meta is not JSON: {error}")
-        return message.tensors, meta
+        message = self._request(self._call("export_state"), "role_state").result()
+        return message.tensors, json.loads(str(message.values["meta"]))  # a JSON object: checked by the schema
 
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         message = Message("role_state", "server", 0, 0, tensors, {"meta": json.dumps(meta)})
-        self._request(message, Expectation("ack", 0, 0)).result()
+        self._request(message, "ack").result()
 
     def stop(self) -> None:
         self.transport.notify(self.id, self._call("stop"))
 
-    def _refuse(self, message: Message, reason: str) -> None:
-        """Answer a bad reply with an error message and drop the device from the round."""
+    def _refuse(self, message: Message, reason: str) -> NoReturn:
+        """Answer a bad reply with a short error message and drop the device from the round."""
+        reason = reason[:500]
         log.warning("device %d: rejected message: %s", self.id, reason)
         self.transport.notify(self.id, Message("error", "server", message.round, message.step, values={"reason": reason}))
         raise DeviceDropped(self.id, f"bad message: {reason}")
@@ -228,9 +197,10 @@ class RemoteWorker:
     def _reported(self) -> dict:
         """The device's own memory report; zeros (logged) if it cannot be reached at the end."""
         if self._report is None:
-            expected = Expectation("ack", 0, 0, finite_values=("peak_bytes", "trainable_params"))
             try:
-                self._report = self._request(self._call("report"), expected).result().values
+                self._report = self._request(self._call("report"), "ack").result().values
+                if not {"peak_bytes", "trainable_params"} <= self._report.keys():
+                    raise DeviceDropped(self.id, "its report lacks peak_bytes or trainable_params")
             except DeviceDropped as error:
                 log.warning("device %d: no memory report: %s", self.id, error.reason)
                 self._report = {"peak_bytes": 0, "trainable_params": 0}
@@ -263,6 +233,12 @@ class RemoteDevices:
         handle = RemoteWorker(device, name, hop, aggregator_hop, self.transport, link, self._pool, self.limits)
         self.handles[device] = handle
         return handle
+
+    def screen(self, device: int, message: Message) -> None:
+        """Check a message that device ``device`` sent against its kind's schema (MessageError if it fails)."""
+        handle = self.handles.get(device)
+        if handle is not None:
+            handle.screen(message)
 
     def stop_all(self) -> None:
         for handle in self.handles.values():

@@ -4,6 +4,10 @@ Everything that crosses a role boundary is a ``Message``: a kind, the sender, ro
 step numbers, named tensors and a few scalar values. ``encode`` produces the exact bytes
 that would go on a network (a safetensors blob whose metadata carries the header), and
 in-process runs encode every message too, so byte counts are the real ones.
+
+``decode`` checks the header's structure (types and sizes of every field) so nothing a
+peer sends can raise anything but ``MessageError``; what each kind's values and tensors
+may be is checked next, by ``wire.schema``.
 """
 
 from __future__ import annotations
@@ -18,36 +22,29 @@ from safetensors.torch import save as save_tensors
 
 Scalar = int | float | str
 
+KINDS = ("activations", "activation_grad", "grad_norm", "clip_scale", "adapter_upload", "adapter_download",
+         "call", "ack", "error", "role_state")
+"""Every message kind; ``wire.schema.SCHEMAS`` says what each one carries."""
+
+MAX_HEADER_BYTES = 64 << 20
+"""Largest safetensors header (tensor table + our JSON) a payload may declare."""
+MAX_NAME_CHARS = 256
+"""Longest sender, value name or tensor name."""
+MAX_INDEX = 1 << 31
+"""Round and step numbers are below this."""
+
 
 class MessageError(ValueError):
     """A payload that is not a valid message; the text says what is wrong."""
 
 
-# kind -> (required tensor names, required value names)
-SCHEMAS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    # stage k -> stage k + 1: output of stage k plus what the last stage needs for the loss
-    "activations": (frozenset({"hidden", "attention_mask", "labels"}), frozenset()),
-    # stage k + 1 -> stage k: gradient of the group's mean loss w.r.t. the hidden states, the
-    # route's loss and tokens, and grad_scale = group tokens / route tokens (the first stage
-    # multiplies by it, so it steps on its own mean loss)
-    "activation_grad": (frozenset({"grad"}), frozenset({"loss", "tokens", "grad_scale"})),
-    # first stage -> server: its squared grad norm (for clipping over the whole route)
-    "grad_norm": (frozenset(), frozenset({"sq_norm"})),
-    # server -> every stage: factor to multiply the gradients by before the optimizer step
-    "clip_scale": (frozenset(), frozenset({"scale"})),
-    # device -> aggregator: local adapter after the round, with its sample weight
-    "adapter_upload": (frozenset(), frozenset({"num_samples"})),
-    # aggregator -> device: global adapter slice for the next round
-    "adapter_download": (frozenset(), frozenset()),
-    # server -> device process: run an operation that carries no data of its own
-    "call": (frozenset(), frozenset({"op"})),
-    # device process -> server: an operation finished (values may carry its result)
-    "ack": (frozenset(), frozenset()),
-    # either way: the message just received was refused, and why
-    "error": (frozenset(), frozenset({"reason"})),
-    # device process <-> server: a role's adapter, optimizer and data-stream state (checkpoints)
-    "role_state": (frozenset(), frozenset({"meta"})),
-}
+def shown(value: object, limit: int = 60) -> str:
+    """``value`` for an error text: repr-escaped (no control characters) and cut to ``limit`` characters.
+
+    Every piece of peer-supplied text in an error goes through here, so a refusal is short
+    whatever the peer sent."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 @dataclass
@@ -72,36 +69,63 @@ def encode(message: Message) -> bytes:
     return save_tensors(tensors, metadata={"splitfed": json.dumps(header)})
 
 
-def _read_metadata(data: bytes) -> dict:
+def _read_header(data: bytes) -> dict:
     if len(data) < 8:
         raise MessageError(f"payload of {len(data)} bytes is shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8:
-        raise MessageError(f"header length {header_len} exceeds the payload ({len(data)} bytes)")
+    if header_len > len(data) - 8 or header_len > MAX_HEADER_BYTES:
+        raise MessageError(f"header length {header_len} exceeds the payload ({len(data)} bytes) or "
+                           f"{MAX_HEADER_BYTES} bytes")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-        return json.loads(header["__metadata__"]["splitfed"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise MessageError(f"payload header is not a splitfed message header: {error}") from None
+        table = json.loads(data[8 : 8 + header_len])
+        header = json.loads(table["__metadata__"]["splitfed"])
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        raise MessageError(f"payload header is not a splitfed message header: {shown(str(error))}") from None
+    if not isinstance(header, dict):
+        raise MessageError(f"message header is a {type(header).__name__}, not an object")
+    return header
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_header(header: dict) -> None:
+    """Types and sizes of the header fields; anything else in the header is refused."""
+    unknown = header.keys() - {"kind", "sender", "round", "step", "values"}
+    if unknown:
+        raise MessageError(f"message header has unknown fields {shown(sorted(unknown))}")
+    kind = header.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise MessageError(f"unknown message kind {shown(kind)}; allowed: {', '.join(KINDS)}")
+    sender = header.get("sender")
+    if not isinstance(sender, str) or len(sender) > MAX_NAME_CHARS:
+        raise MessageError(f"{kind} message: sender {shown(sender)} is not a name of at most {MAX_NAME_CHARS} chars")
+    for name in ("round", "step"):
+        value = header.get(name)
+        if not _is_int(value) or not 0 <= value < MAX_INDEX:
+            raise MessageError(f"{kind} message has invalid {name} {shown(value)}; allowed: 0..{MAX_INDEX - 1}")
+    values = header.get("values", {})
+    if not isinstance(values, dict):
+        raise MessageError(f"{kind} message: values is a {type(values).__name__}, not an object")
+    for name, value in values.items():
+        if len(name) > MAX_NAME_CHARS:
+            raise MessageError(f"{kind} message: value name {shown(name)} is longer than {MAX_NAME_CHARS} chars")
+        if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+            raise MessageError(f"{kind} message: value {shown(name)} is a {type(value).__name__}; "
+                               "allowed: a number or a string")
 
 
 def decode(data: bytes) -> Message:
-    """Parse and validate a payload; raise MessageError naming what is wrong."""
-    meta = _read_metadata(data)
+    """Parse a payload and check its header's structure; raise MessageError naming what is wrong."""
+    header = _read_header(data)
+    _check_header(header)
     try:
         tensors = load_tensors(data)
     except Exception as error:  # safetensors raises its own error types for corrupt data
-        raise MessageError(f"tensor section is corrupt: {error}") from None
-    kind = meta.get("kind")
-    if kind not in SCHEMAS:
-        raise MessageError(f"unknown message kind {kind!r}; allowed: {', '.join(SCHEMAS)}")
-    need_tensors, need_values = SCHEMAS[kind]
-    values = meta.get("values", {})
-    if not need_tensors <= tensors.keys():
-        raise MessageError(f"{kind} message lacks tensors {sorted(need_tensors - tensors.keys())}")
-    if not need_values <= values.keys():
-        raise MessageError(f"{kind} message lacks values {sorted(need_values - values.keys())}")
-    for name in ("round", "step"):
-        if not isinstance(meta.get(name), int) or meta[name] < 0:
-            raise MessageError(f"{kind} message has invalid {name} {meta.get(name)!r}")
-    return Message(kind, str(meta.get("sender", "")), meta["round"], meta["step"], tensors, values)
+        raise MessageError(f"tensor section is corrupt: {shown(str(error))}") from None
+    kind = header["kind"]
+    for name in tensors:
+        if len(name) > MAX_NAME_CHARS:
+            raise MessageError(f"{kind} message: tensor name {shown(name)} is longer than {MAX_NAME_CHARS} chars")
+    return Message(kind, header["sender"], header["round"], header["step"], tensors, header.get("values", {}))

@@ -5,10 +5,13 @@ sending requests down each device's stream and reading the replies. Payloads are
 project's own message encoding (safetensors + JSON header), chunked into frames; gRPC
 sees only bytes, so no protobuf code generation and no pickle is involved.
 
-Security: a device presents its id and token in the call metadata (checked in constant
-time against the configured tokens) and, optionally, a client certificate (mutual TLS).
-Unknown ids and wrong tokens are refused before any payload is read; every payload is
-size-limited, decoded and checked before use (see ``splitfed.wire.validate``).
+Security (docs/deployment.md, "Threat model"): a device presents its id and token in the
+call metadata (checked in constant time against the configured tokens) and, optionally, a
+client certificate (mutual TLS). Unknown ids and wrong tokens are refused before any
+payload is read, counted, and logged as a bounded sample. Every frame is size-limited;
+every message is decoded and structurally checked here, and a reply is matched to its
+request by id: a message that answers nothing outstanding is refused with a short error
+and cannot take a reply's place. Nothing a peer sends raises past this module.
 """
 
 from __future__ import annotations
@@ -18,21 +21,27 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
-from splitfed.runtime.grpc.frames import DEFAULT_CHUNK, FrameError, Reassembler, split_frames
+from splitfed.errors import UnreachableError
+from splitfed.runtime.grpc.frames import DEFAULT_CHUNK, Assembled, FrameError, Reassembler, split_frames
 from splitfed.runtime.remote import DeviceLost
-from splitfed.wire.messages import Message, MessageError, decode, encode
+from splitfed.wire.messages import Message, MessageError, decode, encode, shown
 
 log = logging.getLogger("splitfed.grpc")
 
 METHOD = "/splitfed.Link/Session"
 DEVICE_KEY, TOKEN_KEY = "splitfed-device", "splitfed-token"
+CREDENTIAL_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+"""Stream endings that mean the server refused this device: redialing cannot help."""
+POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class TransportSettings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     """CA that signs device certificates; when set, devices must present one (mutual TLS)."""
+    max_reconnect_backoff_ms: int = 5_000
+    """Longest wait between a device's connection attempts (gRPC backs off exponentially, with jitter)."""
 
     def channel_options(self) -> list[tuple[str, int]]:
         frame_limit = self.chunk_size + 1024
@@ -62,38 +73,120 @@ class TransportSettings:
         ]
 
 
-class Session:
-    """One end of a device stream: ``send`` messages, ``receive`` the next one (or the error it caused).
+class Tally:
+    """Counts refusals of one kind; keeps the first few reasons and logs them, then one line per ``every``.
 
-    With ``strict``, (the server side) a message that arrives when no reply is expected is
-    answered at once with an ``error`` message and dropped, so an unsolicited flood never
-    queues up in front of the reply to the next request.
+    Memory and log volume stay bounded however many refusals a flood causes."""
+
+    def __init__(self, what: str, sample: int = 10, every: int = 1000) -> None:
+        self.what = what
+        self.count = 0
+        self.sample: list[str] = []
+        self._limit, self._every = sample, every
+        self._lock = threading.Lock()
+
+    def add(self, reason: str) -> None:
+        with self._lock:
+            self.count += 1
+            if len(self.sample) < self._limit:
+                self.sample.append(reason)
+            count = self.count
+        if count <= self._limit:
+            log.warning("%s refused: %s", self.what, reason)
+        elif count % self._every == 0:
+            log.warning("%s: %d refused so far (the first %d are logged above)", self.what, count, self._limit)
+
+
+class BadMessage(MessageError):
+    """A payload that arrived whole but is not a valid message; ``id`` lets the answer name it."""
+
+    def __init__(self, reason: str, message_id: int = 0) -> None:
+        super().__init__(reason)
+        self.id = message_id
+
+
+class Received(NamedTuple):
+    message: Message
+    size: int
+    """Encoded bytes."""
+    id: int
+    """The sender's id of the message (a reply names it)."""
+
+
+class Session:
+    """One end of a device stream.
+
+    The device end (``strict=False``) ``receive``s requests and ``send``s replies naming the
+    request they answer. The server end (``strict=True``) sends ``request``s and waits for
+    the message that answers each; anything else that arrives is refused with a short
+    ``error`` message and counted in ``refused``, so it never takes a reply's place.
     """
 
-    def __init__(self, peer: str, settings: TransportSettings, strict: bool = False) -> None:
+    def __init__(self, peer: str, settings: TransportSettings, strict: bool = False,
+                 screen: Callable[[Message], None] | None = None) -> None:
         self.peer = peer
         self.settings = settings
         self.strict = strict
-        self._expected = 0
+        self.screen = screen
+        """Server end: checks a refused message against its kind's schema, for the refusal's reason."""
+        self.refused = Tally(peer)
+        self.received = 0
+        self.end_reason = ""
+        self.credentials_refused = False
+        """The stream ended because the server refused this device's id, token or certificate."""
         self._lock = threading.Lock()
-        self.refused = 0
-        self._inbox: queue.Queue[tuple[Message, int] | Exception] = queue.Queue()
+        self._pending: dict[int, queue.Queue] = {}
+        self._inbox: queue.Queue[Received | Exception] = queue.Queue()
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._reassembler = Reassembler(settings.max_message_bytes)
-        self._ids = itertools.count()
+        self._ids = itertools.count(1)
         self.closed = threading.Event()
 
-    def send(self, message: Message) -> int:
-        """Queue ``message`` for the peer; returns its encoded size in bytes."""
+    # --- sending --------------------------------------------------------------------------
+    def send(self, message: Message, reply_to: int = 0) -> int:
+        """Queue ``message`` for the peer (as the reply to message ``reply_to``); returns its encoded size."""
+        return self._send(message, next(self._ids), reply_to)
+
+    def _send(self, message: Message, message_id: int, reply_to: int) -> int:
+        return self._send_bytes(encode(message), message_id, reply_to)
+
+    def _send_bytes(self, data: bytes, message_id: int, reply_to: int) -> int:
         if self.closed.is_set():
             raise DeviceLost(f"{self.peer}: connection closed")
-        data = encode(message)
-        for frame in split_frames(next(self._ids), data, self.settings.chunk_size):
+        for frame in split_frames(message_id, data, self.settings.chunk_size, reply_to):
             self._outbox.put(frame)
         return len(data)
 
-    def receive(self, timeout: float | None) -> tuple[Message, int]:
-        """The next message and its size; raises DeviceLost, or the MessageError a bad payload caused."""
+    def request(self, message: Message, timeout: float) -> tuple[Message, int, int]:
+        """Send ``message`` and wait for the message that answers it: (reply, bytes sent, bytes received).
+
+        Raises DeviceLost (closed, or no answer in time) or the MessageError its answer caused."""
+        return self.exchange(encode(message), timeout)
+
+    def exchange(self, data: bytes, timeout: float) -> tuple[Message, int, int]:
+        """``request`` for a payload already encoded (or any bytes at all: fuzz tests send those)."""
+        answer: queue.Queue[Received | Exception] = queue.Queue(maxsize=1)
+        request_id = next(self._ids)
+        with self._lock:
+            self._pending[request_id] = answer
+        try:
+            sent = self._send_bytes(data, request_id, 0)
+            if self.closed.is_set():
+                raise DeviceLost(f"{self.peer}: {self.end_reason or 'connection closed'}")
+            try:
+                item = answer.get(timeout=timeout)
+            except queue.Empty:
+                raise DeviceLost(f"{self.peer}: no answer within {timeout:.0f} s") from None
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+        if isinstance(item, Exception):
+            raise item
+        return item.message, sent, item.size
+
+    # --- receiving ------------------------------------------------------------------------
+    def receive(self, timeout: float | None) -> Received:
+        """Device end: the next request; raises DeviceLost, or the MessageError a bad payload caused."""
         try:
             item = self._inbox.get(timeout=timeout)
         except queue.Empty:
@@ -102,46 +195,98 @@ class Session:
             raise item
         return item
 
-    def expect_reply(self) -> None:
-        """Announce that the next message from the peer answers a request (strict sessions)."""
-        with self._lock:
-            self._expected += 1
-
     def feed(self, frame: bytes) -> None:
-        """Called by the reading thread for every frame that arrives."""
+        """Called by the reading thread for every frame that arrives; never raises."""
         try:
-            data = self._reassembler.feed(frame)
-            if data is None:
-                return
-            item: tuple[Message, int] | Exception = (decode(data), len(data))
-        except (FrameError, MessageError) as error:
-            item = MessageError(f"{self.peer}: {error}")
-        with self._lock:
-            solicited = not self.strict or self._expected > 0
-            self._expected -= int(self.strict and solicited)
-        if solicited:
+            assembled = self._reassembler.feed(frame)
+        except FrameError as error:
+            self._deliver(None, BadMessage(f"{self.peer}: {error}"))
+            return
+        if assembled is None:
+            return
+        self.received += 1
+        try:
+            item: Received | Exception = Received(decode(assembled.data), len(assembled.data), assembled.message_id)
+        except MessageError as error:
+            item = BadMessage(f"{self.peer}: {error}", assembled.message_id)
+        except Exception as error:  # noqa: BLE001 - a payload no decoder anticipated is still only refused
+            item = BadMessage(f"{self.peer}: undecodable payload: {shown(str(error))}", assembled.message_id)
+        self._deliver(assembled, item)
+
+    def _deliver(self, assembled: Assembled | None, item: Received | Exception) -> None:
+        if not self.strict:
             self._inbox.put(item)
             return
-        self.refused += 1
-        reason = str(item) if isinstance(item, Exception) else f"unsolicited {item[0].kind} message"
-        log.warning("%s: refused: %s", self.peer, reason)
+        answer = None
+        if assembled is not None and assembled.reply_to:
+            with self._lock:
+                answer = self._pending.pop(assembled.reply_to, None)
+        if answer is not None:
+            answer.put(item)
+            return
+        self._refuse(item)
+
+    def _refuse(self, item: Received | Exception) -> None:
+        """Answer a message that answers no outstanding request with a short error, and count it."""
+        if isinstance(item, Exception):
+            reason = str(item)
+        else:
+            reason = f"unsolicited {item.message.kind} message (it answers no outstanding request)"
+            if self.screen is not None:
+                try:
+                    self.screen(item.message)
+                except MessageError as error:
+                    reason = f"{reason}; also: {error}"
+                except Exception as error:  # noqa: BLE001
+                    reason = f"{reason}; also failed its checks: {shown(str(error))}"
+        reason = reason[:500]
+        self.refused.add(reason)
         try:
             self.send(Message("error", "server", 0, 0, values={"reason": reason}))
         except DeviceLost:
             pass
 
+    # --- the stream -----------------------------------------------------------------------
     def outgoing(self) -> Iterator[bytes]:
         while True:
-            frame = self._outbox.get()
+            try:
+                frame = self._outbox.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.closed.is_set():
+                    return
+                continue
             if frame is None:
                 return
             yield frame
 
-    def close(self, reason: str = "disconnected") -> None:
-        if not self.closed.is_set():
+    def read_from(self, frames: Iterator[bytes]) -> None:
+        """Feed every frame of ``frames`` (the peer's side of the stream) until it ends; then close."""
+        try:
+            for frame in frames:
+                self.feed(frame)
+            self.close()
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else None
+            self.close(f"{getattr(code, 'name', 'RPC error')}: {shown(error.details(), 300) if hasattr(error, 'details') else ''}",
+                       credentials_refused=code in CREDENTIAL_CODES)
+        except Exception as error:  # noqa: BLE001 - the stream ends; the process goes on
+            log.warning("%s: stream ended: %s", self.peer, shown(str(error), 300))
+            self.close(f"stream failed: {shown(str(error))}")
+
+    def close(self, reason: str = "disconnected", credentials_refused: bool = False) -> None:
+        with self._lock:
+            if self.closed.is_set():
+                return
+            self.end_reason = reason
+            self.credentials_refused = credentials_refused
             self.closed.set()
-            self._outbox.put(None)
-            self._inbox.put(DeviceLost(f"{self.peer}: {reason}"))
+            pending = list(self._pending.values())
+            self._pending.clear()
+        self._outbox.put(None)
+        lost = DeviceLost(f"{self.peer}: {reason}")
+        self._inbox.put(lost)
+        for answer in pending:
+            answer.put(lost)
 
 
 class LinkServer:
@@ -150,30 +295,47 @@ class LinkServer:
     def __init__(self, address: str, tokens: dict[int, str], settings: TransportSettings = TransportSettings()) -> None:
         self.tokens = tokens
         self.settings = settings
+        self.screen: Callable[[int, Message], None] | None = None
+        """Checks a refused message of a device against its kind's schema (set by the deployment)."""
+        self.rejected = Tally("connection")
         self._sessions: dict[int, Session] = {}
         self._changed = threading.Condition()
-        self.rejected: list[str] = []
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=len(tokens) + 8), options=settings.channel_options())
+        self._stopping = False
+        streams = 2 * len(tokens) + 8  # every device, a rejoin overlapping its old stream, and a few refusals
+        self._executor = futures.ThreadPoolExecutor(max_workers=streams, thread_name_prefix="splitfed-grpc")
+        # so_reuseport 0: a second server on a port in use fails to bind instead of sharing its connections
+        options = [*settings.channel_options(), ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(self._executor, options=options, maximum_concurrent_rpcs=streams)
         handler = grpc.method_handlers_generic_handler(
             "splitfed.Link", {"Session": grpc.stream_stream_rpc_method_handler(self._serve)}
         )
         self._server.add_generic_rpc_handlers((handler,))
-        if settings.tls_cert and settings.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-                root_certificates=settings.tls_ca.read_bytes() if settings.tls_ca else None,
-                require_client_auth=settings.tls_ca is not None,
-            )
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if settings.tls_cert and settings.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+                    root_certificates=settings.tls_ca.read_bytes() if settings.tls_ca else None,
+                    require_client_auth=settings.tls_ca is not None,
+                )
+                self.port = self._server.add_secure_port(address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises RuntimeError when it cannot bind
+            self.port = 0
+        if not self.port:
+            self._executor.shutdown(wait=False)
+            raise UnreachableError(f"cannot listen on {address} (runtime.address): the port is in use "
+                                   "or the address is not one of this machine's")
         self._server.start()
 
     def _admit(self, context: grpc.ServicerContext) -> int | None:
         metadata = dict(context.invocation_metadata())
-        raw_id, token = metadata.get(DEVICE_KEY, ""), metadata.get(TOKEN_KEY, "")
-        if not raw_id.isdigit() or int(raw_id) not in self.tokens:
-            self._reject(context, grpc.StatusCode.PERMISSION_DENIED, f"unknown device id {raw_id!r}")
+        raw_id, token = str(metadata.get(DEVICE_KEY, "")), str(metadata.get(TOKEN_KEY, ""))
+        if self._stopping:
+            self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            return None
+        if not raw_id.isdigit() or len(raw_id) > 9 or int(raw_id) not in self.tokens:
+            self._reject(context, grpc.StatusCode.PERMISSION_DENIED, f"unknown device id {shown(raw_id, 30)}")
             return None
         if not hmac.compare_digest(token.encode(), self.tokens[int(raw_id)].encode()):
             self._reject(context, grpc.StatusCode.UNAUTHENTICATED, f"wrong token for device {raw_id}")
@@ -181,32 +343,24 @@ class LinkServer:
         return int(raw_id)
 
     def _reject(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> None:
-        log.warning("refused %s: %s", context.peer(), reason)
-        self.rejected.append(reason)
+        self.rejected.add(f"{shown(context.peer(), 40)}: {reason}")
         context.abort(code, reason)
 
     def _serve(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         device = self._admit(context)
         if device is None:
             return
-        session = Session(f"device {device}", self.settings, strict=True)
+        session = Session(f"device {device}", self.settings, strict=True,
+                          screen=lambda message: self.screen(device, message) if self.screen else None)
         with self._changed:
+            if self._stopping:
+                return
             old = self._sessions.get(device)
             if old is not None:
-                old.close()  # a rejoin replaces the stale stream
+                old.close("replaced by a new connection")  # a rejoin replaces the stale stream
             self._sessions[device] = session
             self._changed.notify_all()
-
-        def read() -> None:
-            try:
-                for frame in frames:
-                    session.feed(frame)
-            except grpc.RpcError:
-                pass
-            finally:
-                session.close()
-
-        threading.Thread(target=read, daemon=True, name=f"read-device-{device}").start()
+        threading.Thread(target=session.read_from, args=(frames,), daemon=True, name=f"read-device-{device}").start()
         context.add_callback(session.close)
         yield from session.outgoing()
 
@@ -221,11 +375,18 @@ class LinkServer:
             self._changed.wait_for(lambda: all(self.session(d) for d in devices), timeout=timeout)
         return [d for d in devices if self.session(d)]
 
-    def stop(self, grace: float = 1.0) -> None:
+    def stop(self, grace: float = 1.0, deadline_s: float = 5.0) -> None:
+        """Refuse new streams, end every session, and wait (at most ``grace + deadline_s``) for gRPC to stop."""
         with self._changed:
-            for session in self._sessions.values():
-                session.close()
-        self._server.stop(grace)
+            self._stopping = True
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.close("the server stopped")
+        if not self._server.stop(grace).wait(grace + deadline_s):
+            log.warning("gRPC server did not stop within %.0f s", grace + deadline_s)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.rejected.count:
+            log.info("%d connections were refused during the run", self.rejected.count)
 
 
 class GrpcTransport:
@@ -241,11 +402,7 @@ class GrpcTransport:
         return session
 
     def request(self, device: int, message: Message, timeout_s: float) -> tuple[Message, int, int]:
-        session = self._session(device)
-        session.expect_reply()
-        sent = session.send(message)
-        reply, received = session.receive(timeout_s)
-        return reply, sent, received
+        return self._session(device).request(message, timeout_s)
 
     def notify(self, device: int, message: Message) -> None:
         try:
@@ -260,8 +417,13 @@ class GrpcTransport:
 def connect(
     address: str, device: int, token: str, settings: TransportSettings = TransportSettings(), ready_timeout_s: float = 60.0
 ) -> Session:
-    """The device end: dial the server (waiting up to ``ready_timeout_s`` for it) and return the stream's Session."""
-    options = settings.channel_options()
+    """The device end: dial the server (waiting up to ``ready_timeout_s`` for it) and return the stream's Session.
+
+    While the server is unreachable gRPC redials with exponential backoff and jitter (at most
+    ``settings.max_reconnect_backoff_ms`` apart)."""
+    options = [*settings.channel_options(), ("grpc.initial_reconnect_backoff_ms", 250),
+               ("grpc.min_reconnect_backoff_ms", 250),
+               ("grpc.max_reconnect_backoff_ms", settings.max_reconnect_backoff_ms)]
     if settings.tls_ca or settings.tls_cert:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=settings.tls_ca.read_bytes() if settings.tls_ca else None,
@@ -282,13 +444,18 @@ def connect(
 
     def read() -> None:
         try:
-            for frame in call:
-                session.feed(frame)
-            session.close()
-        except grpc.RpcError as error:
-            session.close(f"{error.code().name}: {error.details()}")
+            session.read_from(call)
         finally:
             channel.close()
 
     threading.Thread(target=read, daemon=True, name="read-server").start()
     return session
+
+
+def wait_before_redial(attempt: int, remaining_s: float, rng: Callable[[], float], base_s: float = 0.5,
+                       cap_s: float = 10.0) -> float:
+    """Sleep before a device's next connection attempt: exponential backoff with jitter, within ``remaining_s``."""
+    delay = min(cap_s, base_s * 2**attempt) * (0.5 + rng())
+    delay = max(0.0, min(delay, remaining_s))
+    time.sleep(delay)
+    return delay
