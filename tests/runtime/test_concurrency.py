@@ -40,9 +40,11 @@ def _serve(config_path: Path, out: Path, trace: Path, concurrent: bool) -> dict:
 
 def test_device_forwards_of_a_step_overlap_and_results_match_in_process(tiny_llama_dir, corpus_dir, tmp_path):
     config_path = tmp_path / "config.toml"
-    # Deep cut, longer sequences: a forward pass takes long enough to see the overlap on 2 cores.
+    # Deep cut, longer sequences, larger batches: a forward pass (~50 ms) outlasts the spread of the
+    # requests' arrival (up to ~20 ms on 2 cores), so the overlap is seen whenever it happens.
     write_config(config_path, tiny_llama_dir, corpus_dir, "sfl", "[5]", free_port())
-    config_path.write_text(config_path.read_text().replace("seq_len = 32", "seq_len = 128"))
+    config_path.write_text(config_path.read_text().replace("seq_len = 32", "seq_len = 128")
+                           .replace("batch_size = 4", "batch_size = 12"))
     summary = _serve(config_path, tmp_path / "parallel", tmp_path / "trace-parallel", concurrent=True)
     windows = _forward_windows(tmp_path / "trace-parallel")
     assert len(windows) == 4 and all(len(w) == DEVICES for w in windows.values())  # 2 rounds x 2 steps
