@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -185,3 +186,52 @@ def test_device_whose_server_vanishes_mid_request_reconnects_instead_of_crashing
     session.close("server killed")  # ... and the stream ends before the reply goes out
     hosted = HostedDevice(0, protocol.workers["device0"].worker, message_bounds(config), frozenset({"server"}))
     assert serve_device(hosted, session, message_codec(config)) is False
+
+
+def _raw_header(header: object) -> bytes:
+    from safetensors.torch import save as save_tensors
+
+    return save_tensors({}, metadata={"splitfed": header if isinstance(header, str) else json.dumps(header)})
+
+
+def test_malformed_headers_get_short_error_replies_and_the_stream_goes_on(server):
+    """Deep nesting, values as a number, kind as a list, a header that is a list, a 900 kB kind: each once
+    killed the server's reader thread or came back echoed in full."""
+    device = connect(_address(server), 0, "secret-0", SETTINGS)
+    server.wait_for([0], timeout=10)
+    ack = {"kind": "ack", "sender": "device0", "round": 0, "step": 0}
+    payloads = [_raw_header("[" * 100_000 + "]" * 100_000), _raw_header({**ack, "values": 5}),
+                _raw_header({**ack, "kind": ["ack"]}), _raw_header([ack]), _raw_header({**ack, "kind": "k" * 900_000})]
+    for payload in payloads:
+        for frame in split_frames(99, payload, SETTINGS.chunk_size):
+            device._outbox.put(frame)
+    replies = [device.receive(timeout=10).message for _ in payloads]
+    assert [r.kind for r in replies] == ["error"] * len(payloads)
+    assert all(len(encode(r)) < 1000 for r in replies), [len(encode(r)) for r in replies]
+    session = server.session(0)
+    assert session is not None and session.refused.count == len(payloads)
+    pending = _request_in_thread(session, Message("call", "server", 0, 0, values={"op": "report"}))
+    _answer(device, Message("ack", "device0", 0, 0))
+    pending["thread"].join(timeout=10)
+    assert pending["reply"][0].kind == "ack"
+
+
+def test_refused_connections_are_counted_with_a_bounded_sample(server, caplog):
+    for attempt in range(60):
+        intruder = connect(_address(server), 0, f"wrong-{attempt}", SETTINGS)
+        with pytest.raises(DeviceLost):
+            intruder.receive(timeout=10)
+        assert intruder.credentials_refused
+    assert server.rejected.count == 60 and len(server.rejected.sample) == 10
+    assert sum("refused" in record.getMessage() for record in caplog.records) == 10
+
+
+def test_redial_backoff_grows_with_jitter_and_stays_within_the_budget():
+    from random import Random
+
+    from splitfed.runtime.grpc.transport import wait_before_redial
+
+    draws = Random(0).random
+    delays = [wait_before_redial(attempt, 100.0, draws, base_s=0.001, cap_s=0.05) for attempt in range(8)]
+    assert delays[0] < delays[3] < 0.08 and all(0.5 * 0.001 <= d for d in delays)
+    assert wait_before_redial(10, 0.002, draws, base_s=1.0) <= 0.002  # never past the remaining budget

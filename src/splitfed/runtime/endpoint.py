@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from splitfed.roles.worker import StageWorker
+from splitfed.runtime.refusals import Tally
 from splitfed.wire.compression import MessageCodec
 from splitfed.wire.messages import Message, MessageError, shown
 from splitfed.wire.schema import Bounds, check
@@ -42,7 +43,7 @@ class HostedDevice:
     """Senders the server's messages may name: the roles the server process runs for this device."""
     trace: Path | None = None
     """Where to append one JSON line per request served (``runtime.trace_dir``), or None."""
-    refused: int = field(default=0, compare=False)
+    refused: Tally = field(default_factory=lambda: Tally("server request"), compare=False)
     """Requests answered with an error so far."""
 
     @property
@@ -153,16 +154,14 @@ def wants_stop(device: HostedDevice, message: Message, codec: MessageCodec) -> b
         return False
     try:
         checked_request(device, message, codec)
-    except MessageError:
+    except Exception:  # noqa: BLE001 - not a valid stop: respond() answers it with an error
         return False
     return True
 
 
 def refusal(device: HostedDevice, reason: str, round_index: int = 0, step: int = 0) -> Message:
-    """The error message a device answers a bad request with (logged, bounded)."""
-    device.refused += 1
-    if device.refused <= 10 or device.refused % 1000 == 0:
-        log.warning("%s: refused request %d: %s", device.name, device.refused, reason)
+    """The error message a device answers a bad request with (counted, logged as a bounded sample)."""
+    device.refused.add(reason)
     return Message("error", device.name, round_index, step, values={"reason": reason})
 
 

@@ -32,6 +32,7 @@ import grpc
 
 from splitfed.errors import UnreachableError
 from splitfed.runtime.grpc.frames import DEFAULT_CHUNK, Assembled, FrameError, Reassembler, split_frames
+from splitfed.runtime.refusals import Tally
 from splitfed.runtime.remote import DeviceLost
 from splitfed.wire.messages import Message, MessageError, decode, encode, shown
 
@@ -71,30 +72,6 @@ class TransportSettings:
             # which dropped devices that waited for the server to serve the others or evaluate.
             ("grpc.http2.min_ping_interval_without_data_ms", self.keepalive_ms // 2),
         ]
-
-
-class Tally:
-    """Counts refusals of one kind; keeps the first few reasons and logs them, then one line per ``every``.
-
-    Memory and log volume stay bounded however many refusals a flood causes."""
-
-    def __init__(self, what: str, sample: int = 10, every: int = 1000) -> None:
-        self.what = what
-        self.count = 0
-        self.sample: list[str] = []
-        self._limit, self._every = sample, every
-        self._lock = threading.Lock()
-
-    def add(self, reason: str) -> None:
-        with self._lock:
-            self.count += 1
-            if len(self.sample) < self._limit:
-                self.sample.append(reason)
-            count = self.count
-        if count <= self._limit:
-            log.warning("%s refused: %s", self.what, reason)
-        elif count % self._every == 0:
-            log.warning("%s: %d refused so far (the first %d are logged above)", self.what, count, self._limit)
 
 
 class BadMessage(MessageError):
