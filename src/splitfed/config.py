@@ -89,10 +89,11 @@ class ProtocolOptions(_Section):
 
 
 class AggregationSection(_Section):
-    method: Literal["fedavg", "zeropad"] = "fedavg"
+    method: Literal["fedavg", "zeropad", "svd"] = "fedavg"
     """How adapters are combined layer by layer: ``fedavg`` (sample-weighted average; every
     participant of a layer must have one rank), ``zeropad`` (HetLoRA: zero-pad factors to the
-    largest rank, average, truncate back to each participant's rank)."""
+    largest rank, average, truncate back to each participant's rank), ``svd`` (FlexLoRA: average
+    the products B·A, factor back by SVD; each participant keeps the leading components)."""
 
 
 class DevicesSection(_Section):
@@ -300,7 +301,7 @@ class RunConfig(_Section):
         if self.aggregation.method == "fedavg" and len(ranks) > 1:
             raise ValueError(
                 f"aggregation.method: 'fedavg' averages adapters of one rank, but devices.ranks gives {ranks}; "
-                "allowed for mixed ranks: 'zeropad'"
+                "allowed for mixed ranks: 'zeropad', 'svd'"
             )
         protocol_class(self.protocol).check_config(self)
         for field in ("activations_per_device", "gradients_per_device"):

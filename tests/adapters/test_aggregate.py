@@ -55,11 +55,81 @@ def test_fedavg_refuses_mixed_ranks_and_names_the_key():
     assert torch.equal(same["m.lora_A.weight"], torch.full((2, 3), 2.0))
 
 
+def _module(rank: int, out: int = 6, inp: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"m.lora_A.weight": torch.randn(rank, inp, generator=generator, dtype=torch.float64),
+            "m.lora_B.weight": torch.randn(out, rank, generator=generator, dtype=torch.float64)}
+
+
+def _product(state: dict[str, torch.Tensor], rank: int | None = None) -> torch.Tensor:
+    a, b = state["m.lora_A.weight"], state["m.lora_B.weight"]
+    if rank is not None:
+        a, b = fit_rank(a, torch.Size((rank, a.shape[1]))), fit_rank(b, torch.Size((b.shape[0], rank)))
+    return b @ a
+
+
+def _mean_product(states, weights) -> torch.Tensor:
+    return sum(w * _product(s) for s, w in zip(states, weights)) / sum(weights)
+
+
+def test_averaging_factors_is_not_averaging_products():
+    """fedavg on factors adds cross terms B_j A_k (j != k) that no participant trained."""
+    from splitfed.adapters.aggregate import FedAvg, combine_states
+
+    one, two = _module(2, seed=1), _module(2, seed=2)
+    averaged = combine_states(FedAvg(), [one, two], [1.0, 1.0])
+    cross = _product(averaged) - _mean_product([one, two], [1.0, 1.0])
+    assert cross.abs().max() > 0.1  # = -(B1 - B2)(A1 - A2) / 4
+    expected = -(one["m.lora_B.weight"] - two["m.lora_B.weight"]) @ (one["m.lora_A.weight"] - two["m.lora_A.weight"]) / 4
+    torch.testing.assert_close(cross, expected)
+
+
+@pytest.mark.parametrize("ranks", [(2, 4), (1, 2, 3), (4, 4, 8)])
+def test_svd_is_the_average_of_products_when_the_rank_holds_it(ranks):
+    """FlexLoRA: exact when the stored rank is at least the average's rank (here the sum of ranks fits in 8)."""
+    from splitfed.adapters.aggregate import SVD, combine_states
+
+    states = [_module(r, out=9, inp=10, seed=i) for i, r in enumerate(ranks)]
+    weights = [1.0 + i for i in range(len(ranks))]
+    combined = combine_states(SVD(), states, weights)
+    assert combined["m.lora_A.weight"].shape == (max(ranks), 10)
+    target = _mean_product(states, weights)
+    assert torch.linalg.matrix_rank(target) > max(ranks)  # the largest rank cannot hold the average ...
+    assert not torch.allclose(_product(combined), target)
+    # ... a participant of rank sum(ranks) (here with zero factors and a negligible weight) can
+    zero = {k: torch.zeros_like(v) for k, v in _module(sum(ranks), 9, 10).items()}
+    lifted = combine_states(SVD(), [*states, zero], [*weights, 1e-300])
+    assert lifted["m.lora_A.weight"].shape == (sum(ranks), 10)
+    torch.testing.assert_close(_product(lifted), target, atol=1e-10, rtol=0)
+
+
+def test_svd_truncation_is_the_best_approximation_at_each_rank():
+    from splitfed.adapters.aggregate import SVD, combine_states
+
+    states = [_module(4, seed=3), _module(4, seed=4)]
+    combined = combine_states(SVD(), states, [2.0, 1.0])
+    target = _mean_product(states, [2.0, 1.0])
+    singular = torch.linalg.svdvals(target)
+    for rank in (1, 2, 3, 4):
+        error = torch.linalg.matrix_norm(_product(combined, rank) - target)
+        torch.testing.assert_close(error, singular[rank:].square().sum().sqrt())  # Eckart-Young
+
+
+def test_svd_combines_a_layer_over_its_holders_only():
+    from splitfed.adapters.aggregate import SVD, combine_states
+
+    shallow = _module(2, seed=5)
+    deep = {**_module(2, seed=6), **{k.replace("m.", "n."): v for k, v in _module(2, seed=7).items()}}
+    combined = combine_states(SVD(), [shallow, deep], [1.0, 3.0])
+    only = {k[2:]: v for k, v in combined.items() if k.startswith("n.")}
+    torch.testing.assert_close(only["lora_B.weight"] @ only["lora_A.weight"], _product(_module(2, seed=7)))
+
+
 def test_config_with_mixed_ranks_needs_zeropad():
     from splitfed.config import ConfigError, parse_config
 
     tree = {"protocol": "memsfl", "devices": {"count": 2, "cuts": [1], "ranks": [2, 4]}}
-    with pytest.raises(ConfigError, match=r"aggregation.method: 'fedavg' .* \[2, 4\]; allowed for mixed ranks: 'zeropad'"):
+    with pytest.raises(ConfigError, match=r"aggregation.method: 'fedavg' .* \[2, 4\]; allowed for mixed ranks: 'zeropad', 'svd'"):
         parse_config(tree)
     assert parse_config({**tree, "aggregation": {"method": "zeropad"}}).aggregation.method == "zeropad"
 

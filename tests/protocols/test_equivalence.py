@@ -97,8 +97,11 @@ def test_memsfl_equals_sflv1_at_equal_cuts_with_one_base_model(tiny_model_dir, c
     assert summaries["sflv1"]["peak_mem_server_bytes"] > 2 * summaries["memsfl"]["peak_mem_server_bytes"]
 
 
-def test_exported_adapter_reproduces_reported_eval_loss(tiny_model_dir, corpus_dir, tmp_path):
-    config = tiny_run_config(tiny_model_dir, corpus_dir, "memsfl", devices={"count": 4, "cuts": [1, 2, 4]})
+@pytest.mark.parametrize(("method", "ranks"), [("fedavg", []), ("zeropad", [2, 4, 8]), ("svd", [2, 4, 8])])
+def test_exported_adapter_reproduces_reported_eval_loss(tiny_model_dir, corpus_dir, tmp_path, method, ranks):
+    """Every aggregation method, mixed ranks included, exports what the summary evaluated."""
+    config = tiny_run_config(tiny_model_dir, corpus_dir, "memsfl", aggregation={"method": method},
+                             devices={"count": 4, "cuts": [1, 2, 4], "ranks": ranks})
     summary = run(config, tmp_path / "run", progress=False)
     model = PeftModel.from_pretrained(load_model(config.model.source), str(tmp_path / "run" / "adapter"))
     _, data = build_protocol(plan_run(config), log=lambda record: None)

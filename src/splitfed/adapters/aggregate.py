@@ -10,6 +10,14 @@ layout, which fits it to its own rank when it loads it (``adapters.lora.set_adap
 - ``fedavg``: the sample-weighted average; holders of a key must have the same rank.
 - ``zeropad`` (HetLoRA): factors are zero-padded to the largest rank, averaged, and each
   participant truncates the result back to its own rank.
+- ``svd`` (FlexLoRA): per module, the sample-weighted average of the full products B·A
+  (alpha / r is the same for every rank, so the products need no rescaling), factored back by
+  SVD at the largest rank with the components in descending order: truncating them to a
+  participant's rank (as every participant does when it loads) is then the best rank-r
+  approximation of the average, and exact when r is at least the average's rank.
+
+Averaging factors (``fedavg``, ``zeropad``) is not averaging products: mean(B)·mean(A) has
+cross terms B_j·A_k (j != k) that no participant trained; ``svd`` has none.
 """
 
 from __future__ import annotations
@@ -33,12 +41,17 @@ class Upload:
 
 
 class Strategy:
-    """How one key's tensors are combined, and how the global tensor is fitted to a participant."""
+    """How the tensors of one key (or of one module's factor pair) are combined."""
 
     name: ClassVar[str]
 
     def combine(self, key: str, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         raise NotImplementedError
+
+    def combine_pair(self, module: str, a: list[torch.Tensor], b: list[torch.Tensor], weights: list[float]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module's (lora_A, lora_B) from its holders' factors: by default each factor on its own."""
+        return self.combine(module + A_SUFFIX, a, weights), self.combine(module + B_SUFFIX, b, weights)
 
 
 def _weighted_sum(tensors: list[torch.Tensor], weights: list[float], shape: torch.Size) -> torch.Tensor:
@@ -70,20 +83,49 @@ class ZeroPad(Strategy):
         return _weighted_sum(tensors, weights, shape)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, ZeroPad)}
+class SVD(Strategy):
+    name = "svd"
+
+    def combine(self, key: str, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        raise ValueError(f"aggregation.method 'svd' combines lora_A and lora_B of a module together; "
+                         f"{key!r} has no partner factor")
+
+    def combine_pair(self, module: str, a: list[torch.Tensor], b: list[torch.Tensor], weights: list[float]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        total = sum(weights)
+        product = sum((w / total) * (bk.double() @ ak.double()) for ak, bk, w in zip(a, b, weights))
+        rank = max(ak.shape[0] for ak in a)  # (out, in) product -> rank-R factors, components by size
+        u, singular, vh = torch.linalg.svd(product, full_matrices=False)
+        root = singular[:rank].sqrt()  # rank may exceed min(out, in): the missing components are zero
+        new_a = fit_rank(root[:, None] * vh[:rank], torch.Size((rank, product.shape[1])))
+        new_b = fit_rank(u[:, :rank] * root, torch.Size((product.shape[0], rank)))
+        return new_a.to(a[0].dtype).contiguous(), new_b.to(b[0].dtype).contiguous()
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, ZeroPad, SVD)}
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
 def combine_states(strategy: Strategy, states: list[AdapterState], weights: list[float]) -> AdapterState:
-    """Combine whole states key by key over the states that hold each key."""
+    """Combine whole states module by module (a module's factor pair together) over the states that hold it."""
     if not states or len(states) != len(weights):
         raise ValueError(f"need one weight per state; got {len(states)} states and {len(weights)} weights")
     result: AdapterState = {}
+    paired: set[str] = set()
     for key in sorted({k for state in states for k in state}):
-        holders = [(s[key], w) for s, w in zip(states, weights) if key in s]
+        if key in paired:
+            continue  # combined with its lora_A
+        holders = [(s, w) for s, w in zip(states, weights) if key in s]
         total = sum(w for _, w in holders)
         if not total > 0:
             raise ValueError(f"weights of the states holding {key!r} sum to {total}; they must be positive")
-        result[key] = strategy.combine(key, [t for t, _ in holders], [w for _, w in holders])
+        module, partner = key[: -len(A_SUFFIX)], key[: -len(A_SUFFIX)] + B_SUFFIX
+        if key.endswith(A_SUFFIX) and all(partner in s for s, _ in holders):
+            result[key], result[partner] = strategy.combine_pair(
+                module, [s[key] for s, _ in holders], [s[partner] for s, _ in holders], [w for _, w in holders])
+            paired.add(partner)
+        else:
+            result[key] = strategy.combine(key, [s[key] for s, _ in holders], [w for _, w in holders])
     return result
 
 
