@@ -187,6 +187,62 @@ def device(
         run_device(load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""]), device_id, address=address, token=token)
 
 
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on this .jsonl/.txt file or directory "
+                                                 "instead of the run's held-out set.")] = None,
+    write: Annotated[bool, typer.Option("--write", help="Store the scores in RUN_DIR/summary.json under 'eval'.")] = False,
+    beams: Annotated[int, typer.Option("--beams", help="Beam width for generation (1: greedy).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest generated completion.")] = 64,
+    max_examples: Annotated[int, typer.Option("--max-examples", help="Prompt/completion rows to generate for.")] = 100,
+) -> None:
+    """Held-out loss and perplexity of the run's exported adapter; BLEU, chrF and ROUGE-L for prompt/completion data."""
+    from rich.table import Table
+
+    from splitfed.evaluate import evaluate_run, write_eval
+
+    with user_errors():
+        scores = evaluate_run(run_dir, data, beams=beams, max_new_tokens=max_new_tokens, max_examples=max_examples)
+        if write:
+            write_eval(run_dir, scores)
+    table = Table(title=f"splitfed eval: {run_dir}", show_header=False)
+    for key in ("data", "rows", "tokens", "loss", "ppl", "bleu", "chrf", "rougeL", "generated"):
+        if key in scores:
+            value = scores[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else rich.markup.escape(str(value)))
+    Console().print(table)
+    if write:
+        console.print(f"scores written to {rich.markup.escape(str(run_dir / 'summary.json'))} under 'eval'")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion.")] = 64,
+    beams: Annotated[int, typer.Option("--beams", help="Beam width (1: greedy).")] = 1,
+) -> None:
+    """Print a completion of PROMPT by the base model with the run's adapter."""
+    from splitfed.evaluate import generate_text
+
+    with user_errors():
+        text = generate_text(run_dir, prompt, max_new_tokens=max_new_tokens, beams=beams)
+    print(text)
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write compare.md and the plots.")] = None,
+) -> None:
+    """One table of several runs side by side, and overlay plots of perplexity vs round, bytes and sim time."""
+    from splitfed.compare import compare_runs
+
+    with user_errors():
+        compare_runs(run_dirs, out, Console())
+
+
 def _log_to_stderr() -> None:
     import logging
     import os
