@@ -36,7 +36,8 @@ def test_plain_text_chunks(tokenizer, texts, seq_len, rows):
     [
         ("Q?", "ans", 10, 2, 4, 4),  # 2 prompt + 3 completion + EOS + 4 padding
         ("", "ans", 6, 0, 4, 2),  # no prompt: loss on everything but padding
-        ("Q?", "abcdefgh", 6, 2, 4, 0),  # truncated: keep the start, EOS cut off
+        ("Q?", "abcdefgh", 6, 0, 6, 0),  # truncated (keep_end): prompt cut, then the completion's start
+        ("Q?", "abcd", 6, 1, 5, 0),  # truncated (keep_end): the prompt's start cut
         ("Q?", "a", 4, 2, 2, 0),  # exact fit: "a" and EOS are the targets
     ],
 )
@@ -44,7 +45,7 @@ def test_prompt_completion_labels(tokenizer, prompt, completion, seq_len, n_prom
     doc = Document("qa", (Record(prompt, completion), Record("Other", "x")))
     ds = tokenize_document(doc, tokenizer, seq_len)
     ids, labels, mask = ds.input_ids[0].tolist(), ds.labels[0].tolist(), ds.attention_mask[0].tolist()
-    expected_ids = (tokenizer(prompt)["input_ids"] + tokenizer(completion)["input_ids"] + [EOS])[:seq_len]
+    expected_ids = (tokenizer(prompt)["input_ids"] + tokenizer(completion)["input_ids"] + [EOS])[-seq_len:]
     assert ids == expected_ids + [PAD] * n_pad
     assert labels == [-100] * n_prompt + ids[n_prompt : n_prompt + n_target] + [-100] * n_pad
     assert mask == [1] * (n_prompt + n_target) + [0] * n_pad
@@ -53,7 +54,7 @@ def test_prompt_completion_labels(tokenizer, prompt, completion, seq_len, n_prom
 def test_prompt_completion_drops_rows_without_targets_and_pads_with_eos_fallback():
     tokenizer = make_tokenizer(with_pad=False)
     doc = Document("qa", (Record("a long prompt", "c"), Record("p", "c")))
-    ds = tokenize_document(doc, tokenizer, 5)  # the first row is all prompt after truncation
+    ds = tokenize_document(doc, tokenizer, 5, truncation="drop")  # the first record is too long
     assert len(ds) == 1
     assert ds.input_ids[0].tolist() == tokenizer("pc")["input_ids"] + [EOS, EOS, EOS]
     assert ds.labels[0].tolist() == [-100, ds.input_ids[0, 1].item(), EOS, -100, -100]

@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from splitfed.data.batches import TokenDataset, tokenize_document
+from splitfed.data.batches import RecordCounts, TokenDataset, tokenize_records
 from splitfed.data.sources import DataError, Document
 
 SCHEMES = ("by_document", "iid", "dirichlet")
+
+
+def _rows_summary(ds: TokenDataset, truncated: np.ndarray) -> dict[str, int]:
+    return {"rows": len(ds), "tokens": int(ds.attention_mask.sum()), "loss_tokens": ds.num_tokens,
+            "truncated_rows": int(truncated.sum())}
+
+
+@dataclass
+class DataReport:
+    """What the data became: rows and tokens per device and for eval, and what happened to the records.
+
+    ``records`` counts the records of ``data.source`` (including an eval tail taken from it),
+    ``eval_records`` those of ``data.eval_source`` (None without one). Dropped records belong to no device.
+    """
+
+    devices: list[dict[str, Any]]
+    eval: dict[str, Any]
+    records: RecordCounts
+    eval_records: RecordCounts | None = None
+    truncation: str = "keep_end"
+    template: str = "plain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"truncation": self.truncation, "template": self.template, "devices": self.devices,
+                "eval": self.eval, "records": self.records.to_dict(),
+                "eval_records": None if self.eval_records is None else self.eval_records.to_dict()}
 
 
 @dataclass
@@ -21,6 +47,7 @@ class FederatedData:
     train: list[TokenDataset]
     eval: TokenDataset
     device_documents: list[list[str]]
+    report: DataReport | None = field(default=None, compare=False)
 
 
 def split_train_eval(ds: TokenDataset, eval_fraction: float) -> tuple[TokenDataset, TokenDataset]:
@@ -92,14 +119,44 @@ def _seeded_subset(indices: np.ndarray, limit: int, rng: np.random.Generator) ->
     return indices[np.sort(rng.choice(len(indices), size=limit, replace=False))]
 
 
+def _tokenize_all(documents: list[Document], tokenizer: Any, seq_len: int, truncation: str,
+                  template: str) -> tuple[list[TokenDataset], list[np.ndarray], RecordCounts]:
+    datasets, flags, counts = [], [], RecordCounts()
+    for doc in documents:
+        ds, doc_counts, truncated = tokenize_records(doc, tokenizer, seq_len, truncation, template)
+        datasets.append(ds)
+        flags.append(np.array(truncated, dtype=bool))
+        counts += doc_counts
+    return datasets, flags, counts
+
+
 def build_federated_data(documents: list[Document], tokenizer: Any, *, num_devices: int, seq_len: int,
                          partition: str, dirichlet_alpha: float, eval_fraction: float, eval_chunks: int,
-                         max_train_chunks_per_device: int, seed: int) -> FederatedData:
-    """Tokenise, hold out each document's tail for eval, partition the rest, cap sizes; deterministic in ``seed``."""
+                         max_train_chunks_per_device: int, seed: int, truncation: str = "keep_end",
+                         template: str = "plain", eval_documents: list[Document] | None = None) -> FederatedData:
+    """Tokenise, hold out eval, partition the rest, cap sizes; deterministic in ``seed``.
+
+    Eval is each document's tail (``eval_fraction``), or, when ``eval_documents`` are given (``data.eval_source``),
+    those documents only: then every row of ``documents`` is training data and none of the eval documents is.
+    """
     if not documents:
         raise DataError("no documents to train on (check data.source and data.documents)")
-    splits = [split_train_eval(tokenize_document(doc, tokenizer, seq_len), eval_fraction) for doc in documents]
+    datasets, flags, counts = _tokenize_all(documents, tokenizer, seq_len, truncation, template)
+    eval_counts = None
+    if eval_documents is None:
+        splits = [split_train_eval(ds, eval_fraction) for ds in datasets]
+        eval_flags = np.concatenate([f[len(train):] for f, (train, _) in zip(flags, splits)])
+        pooled_eval = TokenDataset.concat([ev for _, ev in splits])
+    else:
+        if not eval_documents:
+            raise DataError("data.eval_source has no documents")
+        splits = [(ds, TokenDataset.empty(seq_len)) for ds in datasets]
+        eval_sets, eval_flag_list, eval_counts = _tokenize_all(eval_documents, tokenizer, seq_len, truncation,
+                                                               template)
+        eval_flags = np.concatenate(eval_flag_list)
+        pooled_eval = TokenDataset.concat(eval_sets)
     train_sizes = [len(train) for train, _ in splits]
+    train_flags = np.concatenate([f[: len(train)] for f, (train, _) in zip(flags, splits)])
     parts = _assign_rows(train_sizes, num_devices, partition, dirichlet_alpha, seed)
     if max_train_chunks_per_device > 0:
         cap_rng = np.random.default_rng([seed, 1])
@@ -114,9 +171,18 @@ def build_federated_data(documents: list[Document], tokenizer: Any, *, num_devic
                             '"iid"')
 
     pooled_train = TokenDataset.concat([train for train, _ in splits])
-    pooled_eval = TokenDataset.concat([ev for _, ev in splits])
     if len(pooled_eval) == 0:
+        if eval_documents is not None:
+            raise DataError(f"no evaluation rows: data.eval_source gave no rows at train.seq_len = {seq_len} "
+                            f"(records dropped: {eval_counts.dropped if eval_counts else {}})")
         raise DataError(f"no evaluation rows: every document is at most one chunk of train.seq_len = {seq_len} "
-                        "tokens; use longer documents or a shorter seq_len")
+                        "tokens; use longer documents or a shorter seq_len, or give data.eval_source")
     eval_rows = _seeded_subset(np.arange(len(pooled_eval)), eval_chunks, np.random.default_rng([seed, 2]))
-    return FederatedData([pooled_train.subset(p) for p in parts], pooled_eval.subset(eval_rows), device_documents)
+    train = [pooled_train.subset(p) for p in parts]
+    evaluation = pooled_eval.subset(eval_rows)
+    devices = [{**_rows_summary(ds, train_flags[p]), "documents": names}
+               for ds, p, names in zip(train, parts, device_documents)]
+    eval_summary = {**_rows_summary(evaluation, eval_flags[eval_rows]),
+                    "source": "data.eval_source" if eval_documents is not None else "tail of each document"}
+    report = DataReport(devices, eval_summary, counts, eval_counts, truncation, template)
+    return FederatedData(train, evaluation, device_documents, report)

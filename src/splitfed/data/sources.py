@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitfed.paths import splitfed_home
@@ -46,12 +46,22 @@ class DataError(ValueError):
     """Bad data input; the message names the file (and line) and what is allowed."""
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+_EVAL_STEMS = ("eval", "test", "valid", "validation")  # files a directory source must not train on
+
+
 @dataclass(frozen=True)
 class Record:
-    """One training example; the loss is computed on ``completion`` only (plain text has ``prompt == ""``)."""
+    """One training example; the loss is computed on ``completion`` only (plain text has ``prompt == ""``).
+
+    A chat record has ``messages`` (``(role, content)`` pairs) instead, with the loss on the assistant
+    turns; ``where`` (``file:line``) names the record in errors and is not part of its identity.
+    """
 
     prompt: str
     completion: str
+    messages: tuple[tuple[str, str], ...] = ()
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -63,8 +73,8 @@ class Document:
 
     @property
     def is_plain_text(self) -> bool:
-        """True when no record has a prompt: the document is chunked as continuous text."""
-        return all(not r.prompt for r in self.records)
+        """True when no record has a prompt or messages: the document is chunked as continuous text."""
+        return all(not r.prompt and not r.messages for r in self.records)
 
 
 def shakespeare_dir() -> Path:
@@ -161,8 +171,29 @@ def _load_shakespeare() -> list[Document]:
     ]
 
 
+def _parse_messages(messages: object, where: str) -> Record:
+    allowed = ("'messages' must be a non-empty list of objects {\"role\": \"system\" | \"user\" | \"assistant\", "
+               "\"content\": string} with at least one assistant turn")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {allowed}, got {type(messages).__name__}"
+                        f"{' (empty)' if isinstance(messages, list) else ''}")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: message {i} is {type(message).__name__}; {allowed}")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}: message {i} has role {role!r}; {allowed}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {i} ({role}) has content of type {type(content).__name__}; {allowed}")
+        turns.append((role, _normalise(content)))
+    if not any(role == "assistant" for role, _ in turns):
+        raise DataError(f"{where}: no assistant message, so nothing to train on; {allowed}")
+    return Record("", "", tuple(turns), where)
+
+
 def _parse_jsonl_line(line: str, where: str) -> Record:
-    allowed = "expected an object with 'text' or 'prompt'+'completion' (strings)"
+    allowed = "expected an object with 'text' or 'prompt'+'completion' (strings), or chat 'messages'"
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -170,9 +201,11 @@ def _parse_jsonl_line(line: str, where: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: {allowed}, got {type(obj).__name__}")
     if isinstance(obj.get("text"), str):
-        return Record("", _normalise(obj["text"]))
+        return Record("", _normalise(obj["text"]), where=where)
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-        return Record(_normalise(obj["prompt"]), _normalise(obj["completion"]))
+        return Record(_normalise(obj["prompt"]), _normalise(obj["completion"]), where=where)
+    if "messages" in obj:
+        return _parse_messages(obj["messages"], where)
     got = {k: type(v).__name__ for k, v in obj.items()}
     raise DataError(f"{where}: {allowed}, got keys {sorted(obj)} (types {got})")
 
@@ -188,19 +221,24 @@ def _load_jsonl(path: Path) -> Document:
         raise DataError(f"{path.name}: {reason}; JSONL must be UTF-8 (a byte-order mark is fine)") from None
     records = tuple(_parse_jsonl_line(line, f"{path.name}:{i}") for i, line in enumerate(lines, 1) if line.strip())
     if not records:
-        raise DataError(f"{path.name}: no records; expected one JSON object per line with 'text' or "
-                        "'prompt'+'completion'")
+        raise DataError(f"{path.name}: no records; expected one JSON object per line with 'text', "
+                        "'prompt'+'completion' or 'messages'")
     return Document(path.stem, records)
 
 
 def _load_file(path: Path) -> Document:
     if path.suffix == ".jsonl":
         return _load_jsonl(path)
-    return Document(path.stem, (Record("", _read_text(path)),))
+    return Document(path.stem, (Record("", _read_text(path), where=path.name),))
 
 
-def load_documents(source: str, names: list[str] | None = None) -> list[Document]:
-    """Load ``data.source`` as documents sorted by name; ``names`` (if non-empty) keeps only those documents."""
+def load_documents(source: str, names: list[str] | None = None, *, setting: str = "data.source") -> list[Document]:
+    """Load ``data.source`` as documents sorted by name; ``names`` (if non-empty) keeps only those documents.
+
+    A directory holding an evaluation split (``eval.*``, ``test.*``, ``valid.*``, ``validation.*``) is
+    refused for training: give that file as ``data.eval_source`` and keep it out of the directory.
+    ``setting`` names the config field in errors (``data.eval_source`` for the eval file).
+    """
     if source == "shakespeare":
         documents = _load_shakespeare()
     else:
@@ -208,19 +246,24 @@ def load_documents(source: str, names: list[str] | None = None) -> list[Document
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".txt"))
             if not files:
-                raise DataError(f"data.source = {source!r}: the directory has no .jsonl or .txt files; "
+                raise DataError(f"{setting} = {source!r}: the directory has no .jsonl or .txt files; "
                                 f"allowed: {_ALLOWED_SOURCES}")
+            held_out = [f.name for f in files if f.stem.lower() in _EVAL_STEMS]
+            if held_out and setting == "data.source":
+                raise DataError(f"data.source = {source!r}: the directory holds {', '.join(held_out)}, which looks "
+                                "like an evaluation split and would be trained on with every other file; move it "
+                                "out of the directory and set data.eval_source to it (eval then comes from it only)")
             documents = [_load_file(f) for f in files]
         elif path.is_file() and path.suffix in (".jsonl", ".txt"):
             documents = [_load_file(path)]
         else:
             problem = "no such file or directory" if not path.exists() else f"unsupported file type {path.suffix!r}"
-            raise DataError(f"data.source = {source!r}: {problem}; allowed: {_ALLOWED_SOURCES}")
+            raise DataError(f"{setting} = {source!r}: {problem}; allowed: {_ALLOWED_SOURCES}")
         documents.sort(key=lambda d: d.name)
         seen = [d.name for d in documents]
         duplicates = sorted({n for n in seen if seen.count(n) > 1})
         if duplicates:
-            raise DataError(f"data.source = {source!r}: several files share the document name(s) {duplicates} "
+            raise DataError(f"{setting} = {source!r}: several files share the document name(s) {duplicates} "
                             "(e.g. a.txt and a.jsonl); rename them")
     if names:
         available = [d.name for d in documents]
