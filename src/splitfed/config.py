@@ -244,6 +244,14 @@ class RuntimeSection(_Section):
     start and end wall-clock times) to ``<trace_dir>/<worker>.jsonl``: shows what ran concurrently."""
 
 
+class TrackingSection(_Section):
+    """Where a run's metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = False
+    """Also write the scalars of metrics.jsonl as TensorBoard event files under ``RUN_DIR/tensorboard``
+    (view them with ``tensorboard --logdir RUN_DIR/tensorboard``)."""
+
+
 class RunConfig(_Section):
     protocol: str = Field(default_factory=default_protocol)
     """Registered protocol name (``splitfed.registry``); its options go in the section of that name."""
@@ -261,6 +269,7 @@ class RunConfig(_Section):
     runtime: RuntimeSection = RuntimeSection()
     compression: CompressionSection = CompressionSection()
     system: SystemSection = SystemSection()
+    tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="before")
     @classmethod

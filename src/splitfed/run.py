@@ -71,12 +71,25 @@ def build_data(plan: ValidatedRun, tokenizer) -> FederatedData:
 
 
 class MetricsLog:
-    """Appends one JSON record per line to metrics.jsonl and keeps them for the summary."""
+    """Appends one JSON record per line to metrics.jsonl and keeps them for the summary.
 
-    def __init__(self, path: Path, append: bool = False) -> None:
+    ``tensorboard``: a directory to also write every numeric field of every record to as TensorBoard
+    scalars, tagged ``<kind>/<field>`` (``<kind>/<field>/device_<d>`` for a record of one device, e.g.
+    ``step/loss/device_3``); x is the round for round records and ``round * steps_per_round + step``
+    for step records.
+    """
+
+    def __init__(self, path: Path, append: bool = False, tensorboard: Path | None = None,
+                 steps_per_round: int = 1) -> None:
         self.path = path
         self.on_record = lambda record: None  # e.g. advance a progress bar
         self.records: list[dict] = []
+        self.steps_per_round = steps_per_round
+        self._writer = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard is imported only when asked for
+
+            self._writer = SummaryWriter(log_dir=str(tensorboard))
         if append and path.exists():
             self.records = [json.loads(line) for line in path.read_text().splitlines() if line]
         else:
@@ -96,7 +109,26 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            self._write_scalars(record)
         self.on_record(record)
+
+    def _write_scalars(self, record: dict) -> None:
+        kind = record.get("kind", "record")
+        step = int(record.get("round", 0))
+        if "step" in record:
+            step = step * self.steps_per_round + int(record["step"])
+        suffix = f"/device_{record['device']}" if isinstance(record.get("device"), int) else ""
+        for key, value in record.items():
+            if key in ("kind", "round", "step", "device"):
+                continue
+            values = value.items() if isinstance(value, dict) else [("", value)]
+            for sub, number in values:
+                if isinstance(number, (int, float)) and not isinstance(number, bool):
+                    tag = f"{kind}/{key}" + (f"/{sub}" if sub else "") + suffix
+                    self._writer.add_scalar(tag, float(number), global_step=step)
+        if kind != "step":
+            self._writer.flush()
 
 
 def _perplexity(loss: float) -> float:
@@ -129,7 +161,8 @@ def run(
     started = time.perf_counter()
     plan = plan_run(config)  # fail on a bad config before creating anything
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl", append=resume)
+    log = MetricsLog(out / "metrics.jsonl", append=resume, steps_per_round=config.train.local_steps,
+                     tensorboard=out / "tensorboard" if config.tracking.tensorboard else None)
     protocol, data = build_protocol(plan, log, remote)
     resolved = {"cuts": plan.cuts, "model_dir": protocol.ctx.model_dir}
     (out / "config.json").write_text(json.dumps({**config.to_tree(), "resolved": resolved}, indent=2))
