@@ -243,6 +243,49 @@ def compare(
         compare_runs(run_dirs, out, Console())
 
 
+@app.command("data")
+def data_(
+    config: Annotated[Path, typer.Argument(help="TOML config (see examples/).")],
+    set_: SetOption = None,
+) -> None:
+    """Show what the data becomes before training: rows and tokens per device, eval size, truncated and
+    dropped records (loads the tokenizer only, no model weights)."""
+    from rich.table import Table
+
+    from splitfed.config import load_config
+    from splitfed.models.loading import load_tokenizer
+    from splitfed.run import build_data, plan_run
+
+    with user_errors():
+        cfg = load_config(config, set_ or [])
+        report = build_data(plan_run(cfg), load_tokenizer(cfg.model.source)).report
+    out = Console() if Console().is_terminal else Console(width=200)  # a pipe or file gets whole rows
+    d = cfg.data
+    table = Table(title=f"data: {d.source} (seq_len {cfg.train.seq_len}, partition {d.partition}, "
+                        f"template {d.template}, truncation {d.truncation})")
+    for column in ("", "rows", "tokens", "loss tokens", "truncated rows", "documents"):
+        table.add_column(column, justify="left" if column in ("", "documents") else "right")
+    rows = [(f"device {k}", dev) for k, dev in enumerate(report.devices)]
+    for name, part in [*rows, (f"eval ({report.eval['source']})", report.eval)]:
+        names = part.get("documents")
+        shown = "" if names is None else ", ".join(names[:6]) + (f" (+{len(names) - 6})" if len(names) > 6 else "")
+        table.add_row(name, str(part["rows"]), str(part["tokens"]), str(part["loss_tokens"]),
+                      str(part["truncated_rows"]), shown)
+    table.add_row("total train", *(str(sum(dev[key] for dev in report.devices))
+                                   for key in ("rows", "tokens", "loss_tokens", "truncated_rows")), "", style="bold")
+    out.print(table)
+    for label, counts in (("records", report.records), ("eval records", report.eval_records)):
+        if counts is None:
+            continue
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.dropped.items())) or "none"
+        line = (f"{label}: {counts.records}; kept whole {counts.whole}, truncated {counts.truncated} "
+                f"({d.truncation}), dropped {counts.num_dropped} ({why})")
+        if counts.chunked:
+            line += (f"; {counts.chunked} chunked as continuous text ({counts.tail_tokens_dropped} tokens after "
+                     "the last whole chunk unused)")
+        out.print(rich.markup.escape(line), soft_wrap=True)
+
+
 def _log_to_stderr() -> None:
     import logging
     import os

@@ -50,6 +50,16 @@ class DataSection(_Section):
     eval_chunks: int = Field(32, ge=1)
     documents: list[str] = []
     """Optional subset of document names (for Shakespeare: work names such as ``hamlet``)."""
+    truncation: Literal["keep_end", "drop", "error"] = "keep_end"
+    """A prompt/completion or chat record longer than train.seq_len: ``keep_end`` cuts it from the left
+    (the prompt first, then the completion's start), ``drop`` drops it, ``error`` stops with its file:line.
+    Counts are printed by ``splitfed data`` and written to summary.json under ``data``."""
+    eval_source: str | None = None
+    """A separate eval file or directory (same formats as ``source``): eval comes from it only, and it is
+    never trained on; ``eval_fraction`` is then unused. None: the tail of every document."""
+    template: Literal["plain", "chat"] = "plain"
+    """``chat``: records go through the tokenizer's chat template (``messages`` records, and prompt/completion
+    as a user and an assistant turn), loss on the assistant turns only."""
 
 
 class LoraSection(_Section):

@@ -51,9 +51,12 @@ def plan_run(config: RunConfig) -> ValidatedRun:
 
 
 def build_data(plan: ValidatedRun, tokenizer) -> FederatedData:
+    """Tokenise and partition the plan's documents (and ``data.eval_source``, if set, as the only eval data)."""
     config = plan.config
     data = config.data
     try:
+        eval_documents = None if data.eval_source is None else load_documents(data.eval_source,
+                                                                               setting="data.eval_source")
         return build_federated_data(
             plan.documents,
             tokenizer,
@@ -65,6 +68,9 @@ def build_data(plan: ValidatedRun, tokenizer) -> FederatedData:
             eval_chunks=data.eval_chunks,
             max_train_chunks_per_device=data.max_train_chunks_per_device,
             seed=config.seed,
+            truncation=data.truncation,
+            template=data.template,
+            eval_documents=eval_documents,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -250,6 +256,7 @@ def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_lo
         "rounds": len(rounds),
         "devices": config.devices.count,
         "cuts": plan.cuts,
+        "data": None if protocol.ctx.data.report is None else protocol.ctx.data.report.to_dict(),
         "base_eval_loss": base_loss,
         "base_eval_ppl": _perplexity(base_loss),
         "final_eval_loss": final_loss,
