@@ -187,3 +187,17 @@ def test_plain_document_rows_are_unchanged_by_the_policies(tokenizer):
         ds, counts, truncated = tokenize_records(doc, tokenizer, 16, truncation=policy)
         assert len(ds) == 9 and counts.chunked == 2 and counts.tail_tokens_dropped == 151 - 144
         assert truncated == [False] * 9
+
+
+def test_run_summary_reports_the_data(tiny_llama_dir, tmp_path):
+    from splitfed.run import run
+
+    source = write_jsonl(tmp_path / "qa.jsonl", qa_records())
+    config = tiny_run_config(tiny_llama_dir, source, "memsfl", data={"partition": "iid", "truncation": "drop"},
+                             train={"rounds": 1, "local_steps": 1, "batch_size": 2},
+                             devices={"count": 2, "cuts": [2]})
+    summary = run(config, tmp_path / "run", progress=False)
+    data = json.loads((tmp_path / "run" / "summary.json").read_text())["data"]
+    assert data == summary["data"]
+    assert data["truncation"] == "drop" and data["records"]["dropped_by_reason"]["longer than seq_len"] == 3
+    assert [d["rows"] for d in data["devices"]] and data["eval"]["rows"] >= 1
