@@ -33,7 +33,7 @@ def _write_config(path: Path, model_dir: Path, data: Path, rounds: int = 3) -> P
     path.write_text(
         f'protocol = "sfl"\nseed = 0\n[model]\nsource = "{model_dir}"\n[data]\nsource = "{data}"\neval_chunks = 8\n'
         f'[lora]\nrank = 4\nalpha = 8.0\ntargets = ["q_proj", "v_proj"]\n'
-        f"[train]\nrounds = {rounds}\nlocal_steps = 1\nbatch_size = 4\nseq_len = 32\nlr = 1e-2\n"
+        f"[train]\nrounds = {rounds}\nlocal_steps = 1\nbatch_size = 4\nseq_len = 32\nlr = 1e-2\nkeep_checkpoints = 0\n"
         f"[devices]\ncount = 2\ncuts = [2]\n"
     )
     return path

@@ -44,10 +44,18 @@ LINK = "link/"
 log = logging.getLogger("splitfed.checkpoint")
 
 
-def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_loss: float) -> Path:
+def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_loss: float, *,
+                    keep: int = 0, wall_s: float | None = None) -> Path:
+    """Write round ``round_index``'s checkpoint and point ``latest`` at it.
+
+    ``keep`` > 0: then delete all but the last ``keep`` round checkpoints (this one included) and
+    any of later rounds (an earlier run's, which a resumed run trains again). ``wall_s``: the run's
+    wall-clock time so far, so that a resumed run's summary counts the whole run."""
     tensors: dict[str, torch.Tensor] = {f"global/{k}": v for k, v in protocol.aggregator.global_state.items()}
     meta: dict[str, object] = {"format": FORMAT, "round": round_index, "step_index": protocol.step_index,
                                "base_loss": base_loss}
+    if wall_s is not None:
+        meta["wall_s"] = wall_s
     tensors.update({f"{LINK}{k}": v for k, v in protocol.link.export_state().items()})
     for name, role in protocol.workers.items():
         try:
@@ -71,7 +79,32 @@ def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_
     os.replace(staging, final)
     (directory / f"{LATEST}.tmp").write_text(final.name)
     os.replace(directory / f"{LATEST}.tmp", directory / LATEST)
+    if keep > 0:
+        prune_checkpoints(directory, round_index, keep)
     return final
+
+
+def prune_checkpoints(directory: Path, newest: int, keep: int) -> None:
+    """Delete the round checkpoints other than rounds ``newest - keep + 1 .. newest``."""
+    for path in _rounds(directory):
+        index = _round_index(path.name)
+        if index > newest or index <= newest - keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(directory: Path, name: str | None = None) -> Path:
+    """The checkpoint a resume would use (``name``, or the one ``latest`` names), without reading it:
+    raises ``FileNotFoundError`` when there is none and ``CorruptFileError`` when ``latest`` is damaged."""
+    return _checkpoint_path(directory, name)
+
+
+def checkpoint_wall_s(path: Path) -> float:
+    """The run's wall-clock seconds up to checkpoint ``path`` (0 for checkpoints that did not record it)."""
+    try:
+        value = json.loads((path / META_FILE).read_text()).get("wall_s", 0.0)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def load_checkpoint(protocol: Protocol, directory: Path, name: str | None = None) -> tuple[int, float]:
@@ -231,5 +264,5 @@ def _refusal(directory: Path, damage: _Damaged, name: str | None = None, before:
         advice = (f"the newest older checkpoint that verifies is {fallback}: {_how_to_resume(fallback)}; "
                   "the rounds after it are trained again")
     else:
-        advice = f"no older checkpoint in {directory} verifies; start the run again without --resume"
+        advice = f"no older checkpoint in {directory} verifies; start the run again with --overwrite instead of --resume"
     return CorruptFileError(f"{what}: {damage.path} is {damage.problem}; {advice}")

@@ -12,8 +12,26 @@ import rich.markup
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split federated LoRA fine-tuning of LLMs.")
+# rich_markup_mode=None: help text is printed as written (``[runtime]`` is a TOML section, not markup)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split federated LoRA fine-tuning of LLMs.",
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from splitfed import __version__
+
+        print(f"splitfed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Split federated LoRA fine-tuning of LLMs."""
 
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<config name>).")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key=value (repeatable).")]
@@ -21,7 +39,17 @@ ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the 
 ResumeFromOption = Annotated[Optional[str], typer.Option(
     "--resume-from", metavar="round-NNNN",
     help="Continue from this checkpoint of the run directory instead of the last one (implies --resume).")]
-QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+OverwriteOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace the results of an earlier run in the run directory (without it, or --resume, "
+                        "a directory holding a run is refused).")]
+
+
+def _quiet_libraries() -> None:
+    """--quiet: no progress bars from transformers either (e.g. 'Loading weights')."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 @contextmanager
@@ -56,6 +84,7 @@ def run(
     resume_from: ResumeFromOption = None,
     quiet: QuietOption = False,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan JSON from `splitfed plan` to apply.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Run one experiment and fill its run directory."""
     from splitfed.config import ConfigError, load_config
@@ -70,8 +99,10 @@ def run(
                               "and each device with `splitfed device --id N`")
         if cfg.runtime.kind == "ray":
             from splitfed.deploy import run_on_ray as run_experiment
+        if quiet:
+            _quiet_libraries()
         summary = run_experiment(cfg, out_dir, progress=not quiet, resume=resume or resume_from is not None,
-                                 resume_from=resume_from)
+                                 resume_from=resume_from, overwrite=overwrite)
     print_summary(summary, out_dir, Console())
 
 
@@ -116,7 +147,7 @@ def plan(
         result.save(path)
     wide = Console() if Console().is_terminal else Console(width=200)  # a pipe or file gets whole rows
     _print_plan(result, wide)
-    wide.print(f"plan written to {path}; run it with `splitfed run {config} --plan {path}`")
+    wide.print(rich.markup.escape(f"plan written to {path}; run it with `splitfed run {config} --plan {path}`"))
 
 
 def _print_plan(result, out: Console) -> None:
@@ -136,7 +167,7 @@ def _print_plan(result, out: Console) -> None:
         table.add_row(
             f"{u} {name}", str(result.cuts[u]), str(result.ranks[u]), str(count),
             f"{count * result.subchannel_hz / 1e6:g}", "max, equal split" if watts is None else f"{watts:.3f}",
-            result.activations[u], str(position[u] + 1) if result.one_at_a_time else "together",
+            rich.markup.escape(result.activations[u]), str(position[u] + 1) if result.one_at_a_time else "together",
             f"{result.device_memory_bytes[u] / mb:.0f}",
         )
     out.print(table)
@@ -155,6 +186,7 @@ def serve(
     resume: ResumeOption = False,
     resume_from: ResumeFromOption = None,
     quiet: QuietOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Start the server (and aggregator); devices join with `splitfed device`."""
     from splitfed.config import load_config
@@ -165,8 +197,10 @@ def serve(
     with user_errors():
         cfg = load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""])
         out_dir = out or Path("runs") / config.stem
+        if quiet:
+            _quiet_libraries()
         summary = serve_run(cfg, out_dir, progress=not quiet, resume=resume or resume_from is not None,
-                            resume_from=resume_from)
+                            resume_from=resume_from, overwrite=overwrite)
     print_summary(summary, out_dir, Console())
 
 
@@ -315,9 +349,9 @@ def prepare(
     from splitfed.models.loading import prepare_model
 
     with user_errors():
-        console.print(f"model: {prepare_model(model)}", soft_wrap=True)
+        console.print(rich.markup.escape(f"model: {prepare_model(model)}"), soft_wrap=True)
         if data:
-            console.print(f"data: {prepare_shakespeare()}", soft_wrap=True)
+            console.print(rich.markup.escape(f"data: {prepare_shakespeare()}"), soft_wrap=True)
 
 
 def main() -> None:

@@ -87,10 +87,19 @@ class TrainSection(_Section):
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    """Clip on the norm over BOTH sides of the split (all LoRA of the step); None disables."""
+    """Clip on the norm over BOTH sides of the split (all LoRA of the step); 0 or None (``none``) disables."""
     devices_per_round: int = Field(0, ge=0)
     """0 means every device takes part in every round."""
     eval_batch_size: int = Field(8, ge=1)
+    keep_checkpoints: int = Field(2, ge=0)
+    """Round checkpoints kept in the run directory: the last N (the newest is the one ``latest`` names); 0 keeps all."""
+
+    @field_validator("max_grad_norm", mode="before")
+    @classmethod
+    def _zero_disables_clipping(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", "off", ""):
+            return None
+        return None if value == 0 and not isinstance(value, bool) else value
 
 
 class ProtocolOptions(_Section):

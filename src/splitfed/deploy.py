@@ -28,7 +28,7 @@ from splitfed.models.split import Stage, StageSpec
 from splitfed.protocols.base import adapter_layout
 from splitfed.registry import protocol_class
 from splitfed.roles.worker import StageWorker
-from splitfed.run import build_data, plan_run, run
+from splitfed.run import build_data, check_run_dir, plan_run, run
 from splitfed.errors import RefusedError, UnreachableError
 from splitfed.runtime.endpoint import HostedDevice, refusal, respond, serve_device
 from splitfed.runtime.grpc.transport import GrpcTransport, LinkServer, TransportSettings, connect, wait_before_redial
@@ -97,11 +97,13 @@ def transport_settings(runtime: RuntimeSection) -> TransportSettings:
 
 
 def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False,
-          resume_from: str | None = None, concurrent: bool = True) -> dict:
+          resume_from: str | None = None, concurrent: bool = True, overwrite: bool = False) -> dict:
     """Run the server side (and aggregator) of a gRPC deployment; returns the run summary.
 
     ``concurrent=False`` sends the devices' requests one at a time (for measurements only)."""
     runtime = config.runtime
+    # a used run directory or a resume that cannot work is refused before devices are waited for
+    check_run_dir(plan_run(config), out, resume=resume, resume_from=resume_from, overwrite=overwrite)
     tokens = {i: runtime.tokens[i] for i in range(config.devices.count)}
     server = LinkServer(runtime.address, tokens, transport_settings(runtime))
     log.info("listening on %s (port %d)", runtime.address, server.port)
@@ -114,7 +116,8 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
         remote = remote_devices(config, GrpcTransport(server), concurrent)
         server.screen = remote.screen
         try:
-            return run(config, out, progress=progress, resume=resume, resume_from=resume_from, remote=remote)
+            return run(config, out, progress=progress, resume=resume, resume_from=resume_from, remote=remote,
+                       overwrite=overwrite)
         finally:
             remote.stop_all()
     finally:
@@ -180,12 +183,13 @@ class DeviceHost:
 
 
 def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False,
-               resume_from: str | None = None) -> dict:
+               resume_from: str | None = None, overwrite: bool = False) -> dict:
     """Run an experiment whose devices are Ray actors; returns the run summary.
 
     Requests to devices of different host actors run at the same time; the devices of one
     host share its process and take turns."""
     runtime = config.runtime
+    check_run_dir(plan_run(config), out, resume=resume, resume_from=resume_from, overwrite=overwrite)  # before Ray starts
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=runtime.ray_address, include_dashboard=False, log_to_driver=False)
@@ -199,7 +203,8 @@ def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: b
         remote = remote_devices(config, transport)
         log.info("%d devices on %d Ray host actors", count, len(actors))
         try:
-            return run(config, out, progress=progress, resume=resume, resume_from=resume_from, remote=remote)
+            return run(config, out, progress=progress, resume=resume, resume_from=resume_from, remote=remote,
+                       overwrite=overwrite)
         finally:
             remote.stop_all()
     finally:

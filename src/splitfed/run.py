@@ -7,7 +7,9 @@ format), checkpoints/, and PNG plots.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from splitfed.adapters.lora import save_peft_adapter
-from splitfed.checkpoint import load_checkpoint, save_checkpoint
+from splitfed.checkpoint import checkpoint_wall_s, load_checkpoint, resolve_checkpoint, save_checkpoint
 from splitfed.config import ConfigError, RunConfig
 from splitfed.data.partition import FederatedData, build_federated_data
 from splitfed.data.sources import Document, load_documents
@@ -25,7 +27,10 @@ from splitfed.protocols.base import Context, Protocol, RoundFailed
 from splitfed.registry import protocol_class
 from splitfed.report import write_plots
 from splitfed.runtime.remote import RemoteDevices
+from splitfed.system.costs import layer_costs
 from splitfed.wire.compression import compression_summary
+
+log = logging.getLogger("splitfed.run")
 
 @dataclass
 class ValidatedRun:
@@ -42,12 +47,112 @@ def plan_run(config: RunConfig) -> ValidatedRun:
         model_config = load_model_config(config.model.source)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    _check_targets(config, model_config)
     cuts = protocol_class(config.protocol).resolve_cuts(config, model_config)
     try:
         documents = load_documents(config.data.source, config.data.documents or None)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return ValidatedRun(config, cuts, documents)
+
+
+def _check_targets(config: RunConfig, model_config) -> None:
+    """Every ``lora.targets`` entry names a linear module of a decoder layer (from the model's
+    config, built on the meta device: no weights are read)."""
+    try:
+        paths = [linear.path for linear in layer_costs(model_config, config.lora.targets).linears]
+    except (ValueError, KeyError):  # a family the cost model does not know: PEFT reports bad targets itself
+        return
+    unknown = [t for t in config.lora.targets if not any(p == t or p.endswith(f".{t}") for p in paths)]
+    if unknown:
+        names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in paths))
+        raise ConfigError(
+            f"lora.targets: {', '.join(repr(t) for t in unknown)} not a linear module of this model's decoder layers "
+            f"({config.model.source}); allowed: {', '.join(names)} (or a path such as {paths[0]!r})"
+        )
+
+
+# --- the run directory ----------------------------------------------------------------------
+RESULTS = ("metrics.jsonl", "summary.json", "checkpoints")
+"""What makes a run directory used: writing into it needs ``resume`` or ``overwrite``."""
+ARTEFACTS = ("config.json", "metrics.jsonl", "summary.json", "adapter", "checkpoints",
+             "loss.png", "perplexity.png", "bytes.png", "memory.png", "tensorboard")
+"""What ``overwrite`` deletes before a new run (other files in the directory are left alone)."""
+_MAY_CHANGE_ON_RESUME = {"train.rounds", "train.keep_checkpoints", "devices.memory_mb"}
+_MATH_SECTIONS = ("model", "data", "lora", "train", "aggregation", "compression", "devices")
+
+
+def check_run_dir(plan: ValidatedRun, out: Path, *, resume: bool = False, resume_from: str | None = None,
+                  overwrite: bool = False) -> Path | None:
+    """Check that a run may write into ``out``, before anything is written or loaded.
+
+    A directory holding results (metrics.jsonl, summary.json or checkpoints/) needs ``resume``
+    (continue it) or ``overwrite`` (replace it). A resume needs a checkpoint, and a config that
+    trains the same way as the one that wrote it (only ``train.rounds`` and the fields that do not
+    change the training may differ). Returns the checkpoint a resume starts from."""
+    resume = resume or resume_from is not None
+    if resume and overwrite:
+        raise ConfigError("--resume (or --resume-from) and --overwrite exclude each other: "
+                          "continue the run in the directory, or replace it")
+    if resume:
+        checkpoint = resolve_checkpoint(out / "checkpoints", resume_from)
+        _check_resumable(plan, out)
+        return checkpoint
+    used = [name for name in RESULTS if (out / name).exists()]
+    if used and not overwrite:
+        raise ConfigError(
+            f"run directory {out} already holds a run ({', '.join(used)}); pass --resume to continue it or "
+            f"--overwrite to replace its results (Python: run(..., resume=True) / run(..., overwrite=True)), "
+            "or choose another --out"
+        )
+    return None
+
+
+def clear_run_dir(out: Path) -> None:
+    """Delete the results of an earlier run in ``out`` (the files a run writes; nothing else)."""
+    for name in ARTEFACTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _math_fields(tree: dict, cuts) -> dict[str, object]:
+    """The config fields that change what a run computes, flattened to dotted names."""
+    flat: dict[str, object] = {"protocol": tree.get("protocol"), "seed": tree.get("seed")}
+
+    def add(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                add(value, f"{prefix}.{key}")
+        elif prefix not in _MAY_CHANGE_ON_RESUME:
+            flat[prefix] = node
+
+    for section in (*_MATH_SECTIONS, tree.get("protocol")):
+        if isinstance(section, str) and isinstance(tree.get(section), dict):
+            add(tree[section], section)
+    flat["devices.cuts (resolved)"] = cuts
+    return flat
+
+
+def _check_resumable(plan: ValidatedRun, out: Path) -> None:
+    """Refuse a resume whose config trains differently from the one recorded in ``out/config.json``."""
+    try:
+        old_tree = json.loads((out / "config.json").read_text())
+        old = _math_fields(old_tree, old_tree.get("resolved", {}).get("cuts"))
+    except (OSError, ValueError, AttributeError) as error:
+        log.warning("cannot check the config against the run's (%s/config.json: %s); resuming unchecked", out, error)
+        return
+    new = _math_fields(json.loads(json.dumps(plan.config.to_tree())), plan.cuts)
+    differ = [key for key in new if key in old and old[key] != new[key]]
+    if differ:
+        changes = "; ".join(f"{key}: {json.dumps(old[key])} -> {json.dumps(new[key])}" for key in differ)
+        raise ConfigError(
+            f"cannot resume the run in {out}: the config differs from the run's in fields that change the "
+            f"training: {changes}. Only train.rounds (and fields such as runtime.*, system.*, "
+            "train.keep_checkpoints) may change on --resume; use --overwrite to start again, or another --out"
+        )
 
 
 def build_data(plan: ValidatedRun, tokenizer) -> FederatedData:
@@ -155,17 +260,30 @@ def build_protocol(plan: ValidatedRun, log, remote: RemoteDevices | None = None)
 
 def run(
     config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False, remote: RemoteDevices | None = None,
-    resume_from: str | None = None,
+    resume_from: str | None = None, overwrite: bool = False,
 ) -> dict:
     """Run a whole experiment into ``out`` and return its summary.
 
     ``resume``: continue from the latest checkpoint in ``out``; ``resume_from`` (``round-NNNN``,
     implies ``resume``): from that checkpoint instead (e.g. the one a damaged latest names).
+    ``overwrite``: replace the results of an earlier run in ``out`` (without it, or ``resume``,
+    a directory holding a run is refused and left as it is).
     ``remote``: handles of devices in other processes (gRPC or Ray); None runs every role here.
     """
     resume = resume or resume_from is not None
     started = time.perf_counter()
+    if remote is None and config.runtime.kind == "grpc":
+        raise ConfigError("runtime.kind = 'grpc': run the server with `splitfed serve` (Python: "
+                          "splitfed.deploy.serve) and each device with `splitfed device --id N`")
+    if remote is None and config.runtime.kind == "ray":
+        raise ConfigError("runtime.kind = 'ray': use `splitfed run` or, in Python, splitfed.deploy.run_on_ray "
+                          "(splitfed.run.run runs every role in this process)")
     plan = plan_run(config)  # fail on a bad config before creating anything
+    checkpoint = check_run_dir(plan, out, resume=resume, resume_from=resume_from, overwrite=overwrite)
+    if overwrite:
+        clear_run_dir(out)
+    if checkpoint is not None:
+        started -= checkpoint_wall_s(checkpoint)  # the summary's wall time counts the whole run
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", append=resume, steps_per_round=config.train.local_steps,
                      tensorboard=out / "tensorboard" if config.tracking.tensorboard else None)
@@ -209,7 +327,8 @@ def run(
                     **protocol.link.take_stats(),
                 }
             )
-            save_checkpoint(protocol, out / "checkpoints", round_index, base_loss)
+            save_checkpoint(protocol, out / "checkpoints", round_index, base_loss,
+                            keep=config.train.keep_checkpoints, wall_s=time.perf_counter() - started)
             bar.update(task, advance=1, description=f"{config.protocol}: rounds (eval ppl {_perplexity(eval_loss):.2f})")
 
     save_peft_adapter(protocol.aggregator.global_state, protocol.global_lora_config(), out / "adapter", protocol.ctx.model_dir)
