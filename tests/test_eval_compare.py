@@ -157,6 +157,24 @@ def test_tensorboard_events_hold_the_metrics_scalars(runs):
     assert not (runs["memsfl"] / "tensorboard").exists()  # off by default
 
 
+def test_loss_plot_has_integer_steps_round_boundaries_and_device_lines(runs, tmp_path, monkeypatch):
+    import splitfed.report as report
+
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    records = [json.loads(line) for line in (runs["sfl"] / "metrics.jsonl").read_text().splitlines()]
+    write_plots(records, _summary(runs["sfl"]), tmp_path)
+    loss_axes = figures[0].axes[0]
+    labels = [line.get_label() for line in loss_axes.get_lines()]
+    assert [f"device {d}" for d in range(4)] + ["mean over devices", "round boundary"] == labels
+    boundary = loss_axes.get_lines()[-1]
+    assert boundary.get_linestyle() == "--" and list(boundary.get_xdata()) == [3.5, 3.5]  # 3 local steps
+    ticks = [t for t in loss_axes.get_xticks() if loss_axes.get_xlim()[0] <= t <= loss_axes.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    bytes_axes = figures[2].axes[0]
+    assert len(bytes_axes.patches) == 2 * 2  # up and down bars for each of the 2 rounds
+
+
 def test_plots_of_a_one_round_run_and_the_divergence_warning(runs, tmp_path):
     records = [json.loads(line) for line in (runs["sfl"] / "metrics.jsonl").read_text().splitlines()]
     summary = _summary(runs["sfl"])

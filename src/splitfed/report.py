@@ -47,9 +47,13 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> None:
     def draw_loss(ax) -> None:
         many = len(by_device) > MAX_DEVICE_LEGEND
         for index, (device, losses) in enumerate(sorted(by_device.items())):
-            dxs = sorted(losses)
+            dxs: list[float] = []
+            for x in sorted(losses):
+                if dxs and x > dxs[-1] + 1:
+                    dxs.append(math.nan)  # rounds the device sat out: a gap, not a line across them
+                dxs.append(x)
             label = (f"device {device}" if not many else "each device") if (not many or index == 0) else None
-            ax.plot(dxs, [losses[x] for x in dxs], linewidth=0.8, alpha=0.5 if not many else 0.25,
+            ax.plot(dxs, [losses.get(x, math.nan) for x in dxs], linewidth=0.8, alpha=0.5 if not many else 0.25,
                     color=None if not many else "tab:gray", label=label)
         ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], color="black", linewidth=2,
                 marker="o" if len(xs) <= 30 else None, markersize=3, label="mean over devices")
@@ -74,13 +78,13 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> None:
         for offset, key, name in ((-width / 2, "bytes_up", "up"), (width / 2, "bytes_down", "down")):
             values = [r[key] / MB for r in rounds]
             bars = ax.bar([p + offset for p in positions], values, width=width, label=name)
-            if len(rounds) <= 12:
+            if len(rounds) <= 8:
                 ax.bar_label(bars, fmt="%.2f", fontsize="small", padding=2)
         ax.set_xticks(positions, [str(label) for label in labels])
         if len(rounds) < 3:
             ax.set_xlim(-1, len(rounds))  # one or two rounds: bars of a readable width, not the whole axis
-        ax.margins(y=0.15)
-        ax.legend()
+        ax.set_ylim(0, 1.3 * max((max(r["bytes_up"], r["bytes_down"]) / MB for r in rounds), default=1.0) or 1.0)
+        ax.legend(loc="upper left", ncol=2)  # in the headroom above the bars and their labels
 
     total = (summary.get("bytes_up", 0) + summary.get("bytes_down", 0)) / MB
     figure("bytes.png", f"MB on the wire per round (total {total:.2f} MB)", "round", "MB", draw_bytes,
