@@ -77,3 +77,44 @@ def test_plan_names_an_infeasible_device(tiny_llama_dir, corpus_dir, tmp_path):
     assert "device 1 (laptop1)" in result.output and "cannot hold one layer" in result.output
     result = runner.invoke(app, ["run", str(config), "--plan", str(tmp_path / "missing.json")])
     assert result.exit_code == 2 and "plan file not found" in result.output
+
+
+def test_version_and_short_help():
+    from splitfed import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"splitfed {__version__}"
+    for args in (["-h"], ["run", "-h"], ["serve", "-h"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.output and "--help" in result.output
+
+
+def test_help_and_errors_keep_bracketed_text(tiny_llama_dir, corpus_dir, tmp_path):
+    result = runner.invoke(app, ["serve", "--help"])
+    assert '[runtime] kind = "grpc"' in result.output
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[1, 3]")
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run"), "--quiet",
+                                 "--set", 'compression.activations="bogus:1"'])
+    assert result.exit_code == 2, result.output
+    assert "[center] > [topk:RATIO | topk_token:RATIO]" in " ".join(result.output.split())
+
+
+def test_overwrite_flag_replaces_a_run_and_quiet_silences_transformers(tiny_llama_dir, corpus_dir, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[1, 3]")
+    out = tmp_path / "run"
+    try:
+        assert runner.invoke(app, ["run", str(config), "--out", str(out), "--quiet"]).exit_code == 0
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+    refused = runner.invoke(app, ["run", str(config), "--out", str(out), "--quiet"])
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    result = runner.invoke(app, ["run", str(config), "--out", str(out), "--quiet", "--overwrite",
+                                 "--set", "train.rounds=2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2

@@ -218,3 +218,35 @@ def test_python_run_refuses_remote_runtimes(tiny_llama_dir, corpus_dir, tmp_path
     with pytest.raises(ConfigError, match=r"splitfed\.deploy\.run_on_ray"):
         run(_config(tiny_llama_dir, corpus_dir, runtime={"kind": "ray"}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_one_gguf_model_is_cached_once_whatever_its_path(tmp_path, monkeypatch):
+    """Two installs of one GGUF file (other paths, other mtimes) share one dequantized cache."""
+    import hashlib
+    import os
+
+    from splitfed.models.loading import WEIGHTS_FILE, _gguf_cache_dir
+
+    monkeypatch.setenv("SPLITFED_HOME", str(tmp_path / "home"))
+    first, second = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for path, mtime in ((first, 1_000_000), (second, 2_000_000)):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+        os.utime(path, (mtime, mtime))
+    assert _gguf_cache_dir(first) == _gguf_cache_dir(second)
+    other = tmp_path / "venv2" / "other.gguf"
+    other.write_bytes(b"GGUF" + bytes(64))
+    assert _gguf_cache_dir(other).name.split("-")[-1] != _gguf_cache_dir(first).name.split("-")[-1]
+
+    # a cache named the old way (by path and mtime) is moved to the new name, and the old name still works
+    third = tmp_path / "venv3" / "m.gguf"
+    third.parent.mkdir()
+    third.write_bytes(b"GGUF" + bytes(range(256)) * 64 + b"x")
+    stat = third.stat()
+    legacy_key = hashlib.sha256(f"{third.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    legacy = tmp_path / "home" / "models" / f"m-{legacy_key}"
+    legacy.mkdir(parents=True)
+    (legacy / WEIGHTS_FILE).write_bytes(b"weights")
+    directory = _gguf_cache_dir(third)
+    assert directory != legacy and (directory / WEIGHTS_FILE).read_bytes() == b"weights"
+    assert legacy.is_symlink() and (legacy / WEIGHTS_FILE).read_bytes() == b"weights"

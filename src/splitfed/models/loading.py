@@ -49,10 +49,41 @@ def _shipped_gguf(name: str) -> Path:
     return path
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+_CONTENT_KEYS: dict[tuple[str, int, int], str] = {}
+
+
+def _content_key(gguf: Path) -> str:
+    """SHA-256 of the file's bytes (12 hex digits), computed once per process and file version."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return splitfed_home() / "models" / f"{gguf.stem}-{key}"
+    memo = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _CONTENT_KEYS:
+        digest = hashlib.sha256()
+        with gguf.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _CONTENT_KEYS[memo] = digest.hexdigest()[:12]
+    return _CONTENT_KEYS[memo]
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    """The cache of a GGUF file's dequantized model, named by the file's content: one copy of a model
+    however many installs (virtual environments) hold the file, at whatever paths and times.
+
+    (Older versions named it by path and mtime, so every fresh install converted and cached the
+    same model again, 0.5 GB each for SmolLM2; such a directory is renamed to the new name, with a link at the old one.)"""
+    models = splitfed_home() / "models"
+    directory = models / f"{gguf.stem}-{_content_key(gguf)}"
+    if not directory.exists():
+        stat = gguf.stat()
+        legacy = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+        old = models / f"{gguf.stem}-{legacy}"
+        if (old / WEIGHTS_FILE).is_file():
+            try:
+                os.replace(old, directory)
+                os.symlink(directory.name, old)  # paths recorded before (a run's config.json, adapters) still work
+            except OSError:  # another process renamed it first: it exists now, or is converted again
+                pass
+    return directory
 
 
 def resolve_source(source: str) -> tuple[Path, Path | None]:
