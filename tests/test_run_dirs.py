@@ -250,3 +250,20 @@ def test_one_gguf_model_is_cached_once_whatever_its_path(tmp_path, monkeypatch):
     directory = _gguf_cache_dir(third)
     assert directory != legacy and (directory / WEIGHTS_FILE).read_bytes() == b"weights"
     assert legacy.is_symlink() and (legacy / WEIGHTS_FILE).read_bytes() == b"weights"
+
+
+def test_serve_into_a_used_directory_is_refused_before_waiting_for_devices(used_run, tiny_llama_dir, corpus_dir,
+                                                                           monkeypatch):
+    import splitfed.deploy as deploy
+    from splitfed.config import load_config
+
+    config, out = used_run
+    before = _listing(out)
+    monkeypatch.setattr(deploy, "LinkServer", lambda *a, **k: pytest.fail("the server started listening"))
+    grpc = load_config(config, ['runtime.kind="grpc"', 'runtime.tokens=["a", "b"]'])
+    with pytest.raises(ConfigError, match="already holds a run"):
+        deploy.serve(grpc, out, progress=False)
+    with pytest.raises(ConfigError, match="lora.rank: 4 -> 2"):
+        deploy.serve(load_config(config, ['runtime.kind="grpc"', 'runtime.tokens=["a", "b"]', "lora.rank=2"]), out,
+                     progress=False, resume=True)
+    assert _listing(out) == before
