@@ -12,7 +12,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from splitfed.cli import app
-from splitfed.data.batches import tokenize_document
+from splitfed.data.batches import TokenDataset, tokenize_document
 from splitfed.data.sources import Document, Record
 from splitfed.evaluate import generation_scores, prompt_completion_examples
 from splitfed.models.loading import load_model, load_tokenizer
@@ -93,6 +93,12 @@ def test_prompt_completion_rows_give_prompt_and_reference(tiny_llama_dir):
         (encode("Q: hi"), encode("A: yo")), (encode("Q: x"), encode("A: zz"))]
     text = tokenize_document(Document("t", (Record("", "plain text " * 5),)), tokenizer, 16)
     assert prompt_completion_examples(text, tokenizer.eos_token_id) == []
+    # a two-turn chat row (loss on both assistant turns): the reference is the first assistant turn
+    ids = torch.tensor([[10, 11, 12, 13, 1, 14, 15, 16, 1, 1]])
+    labels = torch.tensor([[-100, -100, 12, 13, 1, -100, -100, 16, 1, -100]])
+    mask = torch.tensor([[1] * 9 + [0]])
+    chat = prompt_completion_examples(TokenDataset(ids, labels, mask), eos_id=1)
+    assert [(e.prompt_ids, e.reference_ids) for e in chat] == [([10, 11], [12, 13])]
 
 
 def test_generate_prints_a_completion(runs):

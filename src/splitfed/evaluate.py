@@ -83,14 +83,16 @@ class Example:
 
 def prompt_completion_examples(rows: TokenDataset, eos_id: int | None) -> list[Example]:
     """Prompt/completion rows as (prompt, reference): the prompt is the tokens before the first
-    loss-bearing label, the reference the loss-bearing labels (EOS dropped). Plain-text rows (loss on
-    every token) have no prompt and give no example."""
+    loss-bearing label, the reference the first contiguous run of loss-bearing labels (EOS dropped; in a
+    multi-turn chat row, the first assistant turn). Plain-text rows (loss on every token) have no prompt
+    and give no example."""
     examples = []
     for ids, labels, mask in zip(rows.input_ids.tolist(), rows.labels.tolist(), rows.attention_mask.tolist()):
         first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
         if first is None or first == 0 or not mask[first - 1]:
             continue
-        reference = [label for label in labels[first:] if label != IGNORE_INDEX and label != eos_id]
+        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        reference = [label for label in labels[first:end] if label != eos_id]  # a chat's first assistant turn
         examples.append(Example(ids[:first], reference))
     return examples
 
