@@ -160,7 +160,7 @@ def write_plots(runs: list[RunView], out: Path) -> list[Path]:
         for index, run in enumerate(runs):
             xs, ys = _curve(run, series(run))
             ax.plot(xs, ys, marker=markers[index % len(markers)], linestyle="-" if index < 10 else "--",
-                    label=f"{run.name} ({run.summary.get('protocol', '?')})")
+                    label=_label(run))
         ax.set(title=f"held-out perplexity vs {xlabel.split(' (')[0]}", xlabel=xlabel, ylabel="perplexity")
         if integer_x:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -172,6 +172,12 @@ def write_plots(runs: list[RunView], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _label(run: RunView) -> str:
+    """The run's name, and its protocol when the name does not say it already."""
+    protocol = str(run.summary.get("protocol", "?"))
+    return run.name if run.name == protocol else f"{run.name} ({protocol})"
 
 
 def _sum_bytes(run: RunView):
