@@ -260,6 +260,7 @@ def generate(
     """Print a completion of PROMPT by the base model with the run's adapter."""
     from splitfed.evaluate import generate_text
 
+    _quiet_libraries()  # only the completion on the terminal
     with user_errors():
         text = generate_text(run_dir, prompt, max_new_tokens=max_new_tokens, beams=beams)
     print(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def load_run_model(run_dir: Path, config: RunConfig | None = None):
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no exported adapter (the run has not finished)")
-    model = PeftModel.from_pretrained(load_model(config.model.source), str(adapter))
+    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question while it loads
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(load_model(config.model.source), str(adapter))
     model.eval()
     return model, load_tokenizer(config.model.source)
 

@@ -39,6 +39,8 @@ class ValidatedRun:
     config: RunConfig
     cuts: list[int]
     documents: list[Document]
+    eval_documents: list[Document] | None = None
+    """``data.eval_source``'s documents, when set: the only eval data."""
 
 
 def plan_run(config: RunConfig) -> ValidatedRun:
@@ -49,11 +51,13 @@ def plan_run(config: RunConfig) -> ValidatedRun:
         raise ConfigError(str(error)) from None
     _check_targets(config, model_config)
     cuts = protocol_class(config.protocol).resolve_cuts(config, model_config)
+    eval_source = config.data.eval_source
     try:
         documents = load_documents(config.data.source, config.data.documents or None)
+        eval_documents = None if eval_source is None else load_documents(eval_source, setting="data.eval_source")
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    return ValidatedRun(config, cuts, documents)
+    return ValidatedRun(config, cuts, documents, eval_documents)
 
 
 def _check_targets(config: RunConfig, model_config) -> None:
@@ -160,8 +164,6 @@ def build_data(plan: ValidatedRun, tokenizer) -> FederatedData:
     config = plan.config
     data = config.data
     try:
-        eval_documents = None if data.eval_source is None else load_documents(data.eval_source,
-                                                                               setting="data.eval_source")
         return build_federated_data(
             plan.documents,
             tokenizer,
@@ -175,7 +177,7 @@ def build_data(plan: ValidatedRun, tokenizer) -> FederatedData:
             seed=config.seed,
             truncation=data.truncation,
             template=data.template,
-            eval_documents=eval_documents,
+            eval_documents=plan.eval_documents,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None

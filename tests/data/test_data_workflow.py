@@ -201,3 +201,9 @@ def test_run_summary_reports_the_data(tiny_llama_dir, tmp_path):
     assert data == summary["data"]
     assert data["truncation"] == "drop" and data["records"]["dropped_by_reason"]["longer than seq_len"] == 3
     assert [d["rows"] for d in data["devices"]] and data["eval"]["rows"] >= 1
+
+
+def test_a_bad_eval_source_is_refused_before_any_weights_load(tiny_llama_dir, corpus_dir, tmp_path):
+    config = tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", data={"eval_source": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(ConfigError, match="data.eval_source"):
+        plan_run(config)  # reads the model's config and the data only
