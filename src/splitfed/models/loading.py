@@ -49,40 +49,39 @@ def _shipped_gguf(name: str) -> Path:
     return path
 
 
-_CONTENT_KEYS: dict[tuple[str, int, int], str] = {}
-
-
 def _content_key(gguf: Path) -> str:
-    """SHA-256 of the file's bytes (12 hex digits), computed once per process and file version."""
-    stat = gguf.stat()
-    memo = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _CONTENT_KEYS:
-        digest = hashlib.sha256()
-        with gguf.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _CONTENT_KEYS[memo] = digest.hexdigest()[:12]
-    return _CONTENT_KEYS[memo]
+    """SHA-256 of the file's bytes (12 hex digits)."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
     """The cache of a GGUF file's dequantized model, named by the file's content: one copy of a model
     however many installs (virtual environments) hold the file, at whatever paths and times.
 
-    (Older versions named it by path and mtime, so every fresh install converted and cached the
-    same model again, 0.5 GB each for SmolLM2; such a directory is renamed to the new name, with a link at the old one.)"""
+    A link named by the file's path, size and mtime points at it, so a process finds the cache
+    without hashing the file; only the first start of a new install hashes it (~0.5 s for SmolLM2).
+    Older versions kept the cache itself under that path name (every fresh install converted and
+    cached the same model again, 0.5 GB each): such a directory is moved to the content name."""
     models = splitfed_home() / "models"
+    stat = gguf.stat()
+    by_path = models / f"{gguf.stem}-{hashlib.sha256(f'{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}'.encode()).hexdigest()[:12]}"
+    if by_path.is_symlink() and by_path.exists():
+        return models / os.readlink(by_path)
     directory = models / f"{gguf.stem}-{_content_key(gguf)}"
-    if not directory.exists():
-        stat = gguf.stat()
-        legacy = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-        old = models / f"{gguf.stem}-{legacy}"
-        if (old / WEIGHTS_FILE).is_file():
-            try:
-                os.replace(old, directory)
-                os.symlink(directory.name, old)  # paths recorded before (a run's config.json, adapters) still work
-            except OSError:  # another process renamed it first: it exists now, or is converted again
-                pass
+    try:
+        if (by_path / WEIGHTS_FILE).is_file() and not directory.exists():
+            os.replace(by_path, directory)  # a cache of the old layout
+        if not by_path.exists():
+            models.mkdir(parents=True, exist_ok=True)
+            if by_path.is_symlink():
+                by_path.unlink()  # a link whose cache was deleted
+            os.symlink(directory.name, by_path)  # resolves once the cache exists (paths recorded before still work)
+    except OSError:  # another process did it first
+        pass
     return directory
 
 
