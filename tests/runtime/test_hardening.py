@@ -8,16 +8,15 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
 from splitfed.config import load_config
 from splitfed.deploy import transport_settings
-from splitfed.runtime.grpc.transport import DEVICE_KEY, METHOD, TOKEN_KEY, LinkServer
+from splitfed.runtime.grpc.transport import LinkServer
 from splitfed.wire.messages import Message
 from tests.runtime.attack import AttackerDevice
 from tests.runtime.test_grpc_processes import free_port, write_config
@@ -178,26 +177,18 @@ def test_device_with_no_server_and_serve_on_a_busy_port_are_one_line_each(tiny_l
     assert "port is in use" in _one_error_line(tmp_path / "serve.log")
 
 
-def flood(address: str, stop: threading.Event, connections: int = 100) -> dict:
-    """``connections`` clients re-opening refused streams (wrong token) as fast as they can until ``stop``."""
-    opened = {"count": 0}
+FLOOD_WORKER = Path(__file__).resolve().parents[2] / "bench" / "hardening.py"
 
-    def client() -> None:
-        while not stop.is_set():
-            with grpc.insecure_channel(address) as channel:
-                call = channel.stream_stream(METHOD)(iter(()), metadata=((DEVICE_KEY, "0"), (TOKEN_KEY, "wrong")))
-                try:
-                    for _ in call:
-                        pass
-                except grpc.RpcError:
-                    pass
-            opened["count"] += 1
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(connections)]
-    for thread in threads:
-        thread.start()
-    opened["threads"] = threads
-    return opened
+def start_flood(address: str, processes: int = 2, threads: int = 10) -> list[subprocess.Popen]:
+    """The benchmark's flood (bench/hardening.py): clients re-opening refused streams (wrong token) as fast as
+    they can, until their stdin closes; each process then prints how many it opened."""
+    return [subprocess.Popen([sys.executable, str(FLOOD_WORKER), "--flood-worker", address, str(threads)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+
+
+def stop_flood(workers: list[subprocess.Popen]) -> int:
+    return sum(int(worker.communicate(input="", timeout=60)[0].strip() or 0) for worker in workers)
 
 
 def test_server_exits_soon_after_its_summary_under_a_connection_flood(tiny_llama_dir, corpus_dir, tmp_path):
@@ -209,8 +200,7 @@ def test_server_exits_soon_after_its_summary_under_a_connection_flood(tiny_llama
     deadline = time.monotonic() + 120
     while "listening on" not in (tmp_path / "server.log").read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
-    stop = threading.Event()
-    opened = flood(config.runtime.address, stop, connections=20)  # from before the devices join to the end
+    workers = start_flood(config.runtime.address)  # from before the devices join to the end
     devices = [_device(config_path, u, tmp_path / f"device{u}.log") for u in (0, 1)]
     summary = tmp_path / "run" / "summary.json"
     try:
@@ -220,11 +210,11 @@ def test_server_exits_soon_after_its_summary_under_a_connection_flood(tiny_llama
         code = server.wait(timeout=30)
         exited = time.monotonic() - written
     finally:
-        stop.set()
+        opened = stop_flood(workers)
         for process in [server, *devices]:
             process.kill()
     assert code == 0 and exited < 10, exited
-    assert opened["count"] > 20
+    assert opened > 20
     log = (tmp_path / "server.log").read_text()
     sampled = [line for line in log.splitlines() if "connection: refused:" in line]
     refused = int(re.search(r"(\d+) connections were refused", log).group(1))
