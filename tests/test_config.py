@@ -16,7 +16,7 @@ from tests.conftest import tiny_run_config
         ("memsfl", {"devices": {"count": 2, "cuts": [0]}}, r"devices.cuts: devices.cuts must be >= 1"),
         ("sfl", {"lora": {"rank": 0}}, r"lora.rank: Input should be greater than or equal to 1"),
         ("memsfl", {"devices": {"count": 2, "cuts": [2], "ranks": [4, 0]}}, r"devices.ranks: devices.ranks must be >= 1"),
-        ("splitfed-v9", {}, r"protocol: unknown protocol 'splitfed-v9'; allowed: centralized, fedlora, memsfl, sfl, sflv1"),
+        ("splitfed-v9", {}, r"protocol: unknown protocol 'splitfed-v9'; allowed: centralized, fedlora, hsplitlora, memsfl, sfl, sflv1"),
         ("sfl", {"model": {"source": "no-such-model"}}, r"model.source='no-such-model' is not a shipped model.*shipped: smollm2"),
         ("sfl", {"data": {"source": "/nonexistent/data.jsonl"}}, r"data.source"),
         ("memsfl", {"devices": {"count": 2, "cuts": [], "memory_mb": [0.01]}}, r"devices.memory_mb: device 0 has 0.01 MB, which cannot hold even one layer"),

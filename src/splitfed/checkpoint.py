@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from splitfed.adapters.merge import split_merge_key
 from splitfed.errors import CorruptFileError
 from splitfed.protocols.base import Protocol
 from splitfed.runtime.remote import DeviceDropped
@@ -41,6 +42,7 @@ FORMAT = 2  # state.json's "format": 2 = the directory has a manifest (absent = 
 LATEST = "latest"
 _ROUND_NAME = re.compile(r"round-(\d+)")
 LINK = "link/"
+MERGES = "merges/"
 log = logging.getLogger("splitfed.checkpoint")
 
 
@@ -52,8 +54,9 @@ def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_
     any of later rounds (an earlier run's, which a resumed run trains again). ``wall_s``: the run's
     wall-clock time so far, so that a resumed run's summary counts the whole run."""
     tensors: dict[str, torch.Tensor] = {f"global/{k}": v for k, v in protocol.aggregator.global_state.items()}
+    tensors.update({f"{MERGES}{k}": v for k, v in protocol.aggregator.merges_for(range(protocol.total_layers), 0).items()})
     meta: dict[str, object] = {"format": FORMAT, "round": round_index, "step_index": protocol.step_index,
-                               "base_loss": base_loss}
+                               "base_loss": base_loss, "merges": protocol.aggregator.version}
     if wall_s is not None:
         meta["wall_s"] = wall_s
     tensors.update({f"{LINK}{k}": v for k, v in protocol.link.export_state().items()})
@@ -119,6 +122,14 @@ def load_checkpoint(protocol: Protocol, directory: Path, name: str | None = None
     except _Damaged as damage:
         raise _refusal(directory, damage, path.name) from None
     protocol.aggregator.global_state = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+    merges: list[dict[str, torch.Tensor]] = [{} for _ in range(int(meta.get("merges", 0)))]
+    for name, tensor in tensors.items():
+        if name.startswith(MERGES):
+            version, key = split_merge_key(name[len(MERGES):])
+            merges[version][key] = tensor
+    protocol.aggregator.merges = merges
+    protocol.merged = {}  # every role is sent every merge again; a base that holds them skips them
+    protocol.merge_local()
     protocol.link.import_state({k[len(LINK):]: v for k, v in tensors.items() if k.startswith(LINK)})
     for worker, role in protocol.workers.items():
         if worker not in meta:

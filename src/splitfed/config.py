@@ -108,11 +108,16 @@ class ProtocolOptions(_Section):
 
 
 class AggregationSection(_Section):
-    method: Literal["fedavg", "zeropad", "svd"] = "fedavg"
+    method: Literal["fedavg", "zeropad", "svd", "stack"] = "fedavg"
     """How adapters are combined layer by layer: ``fedavg`` (sample-weighted average; every
     participant of a layer must have one rank), ``zeropad`` (HetLoRA: zero-pad factors to the
     largest rank, average, truncate back to each participant's rank), ``svd`` (FlexLoRA: average
-    the products B·A, factor back by SVD; each participant keeps the leading components)."""
+    the products B·A, factor back by SVD; each participant keeps the leading components), ``stack``
+    (FLoRA / HSplitLoRA: stack the factors, exact at the summed rank; every role merges the result
+    into its frozen base weights and the adapters restart each round)."""
+    export_rank: int = Field(0, ge=0)
+    """``stack``: rank of the exported PEFT adapter that approximates the merged deltas (truncated SVD;
+    its error is in summary.json); 0: the largest rank of any participant."""
 
 
 class DevicesSection(_Section):
@@ -329,7 +334,7 @@ class RunConfig(_Section):
         if self.aggregation.method == "fedavg" and len(ranks) > 1:
             raise ValueError(
                 f"aggregation.method: 'fedavg' averages adapters of one rank, but devices.ranks gives {ranks}; "
-                "allowed for mixed ranks: 'zeropad', 'svd'"
+                "allowed for mixed ranks: 'zeropad', 'svd', 'stack'"
             )
         protocol_class(self.protocol).check_config(self)
         for field in ("activations_per_device", "gradients_per_device"):

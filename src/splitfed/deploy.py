@@ -21,6 +21,7 @@ import ray
 import torch
 
 from splitfed.adapters.lora import add_adapter, get_adapter_state, layout_config
+from splitfed.adapters.merge import merge_shapes
 from splitfed.config import ConfigError, RunConfig, RuntimeSection, parse_config
 from splitfed.models.families import family_for, num_layers
 from splitfed.models.loading import load_model_config, load_stage_model, load_tokenizer, prepare_model
@@ -70,15 +71,18 @@ def host_devices(config: RunConfig, devices: list[int]) -> dict[int, HostedDevic
             trace = Path(config.runtime.trace_dir) / f"{stage.worker}.jsonl"
         adapter = {k: tuple(v.shape) for k, v in get_adapter_state(model, stage.worker).items()}
         servers = frozenset({"server", "aggregator", topology.aggregator, *(s.worker for s in topology.routes[u].stages[1:])})
-        hosted[u] = HostedDevice(u, worker, replace(message_bounds(config), adapter=adapter), servers, trace)
+        bounds = replace(message_bounds(config), adapter=adapter,
+                         merge_modules=merge_shapes(model, family, stage.layers, config.lora.targets))
+        hosted[u] = HostedDevice(u, worker, bounds, servers, trace)
     return hosted
 
 
 def message_bounds(config: RunConfig) -> Bounds:
     """What a message between the server and a device may hold, from the model and the config."""
     model_config = load_model_config(config.model.source)
+    largest_rank = max([config.lora.rank, *config.devices.ranks, *getattr(config.options, "ranks", ())])
     return Bounds(int(model_config.hidden_size), int(model_config.vocab_size), config.train.seq_len,
-                  config.train.batch_size)
+                  config.train.batch_size, max_merge_rank=config.devices.count * largest_rank)
 
 
 def remote_devices(config: RunConfig, transport, concurrent: bool = True) -> RemoteDevices:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,10 @@ from typing import Any
 import torch
 
 from splitfed.config import ConfigError, RunConfig, parse_config
-from splitfed.data.batches import IGNORE_INDEX, TokenDataset, iterate_batches, tokenize_document
+from splitfed.data.batches import IGNORE_INDEX, TokenDataset, tokenize_document
 from splitfed.data.sources import load_documents
-from splitfed.models.loading import load_model, load_tokenizer
+from splitfed.models.loading import load_tokenizer
+from splitfed.export import heldout_loss, load_exported_adapter
 from splitfed.run import build_data, plan_run
 
 MAX_PPL_LOSS = 50.0  # like run.py: perplexity of a diverged loss is capped, not inf
@@ -37,17 +37,11 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def load_run_model(run_dir: Path, config: RunConfig | None = None):
     """(model, tokenizer): the base model of ``config.model.source`` with the run's exported adapter."""
-    from peft import PeftModel
-
     config = config or load_run_config(run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no exported adapter (the run has not finished)")
-    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question while it loads
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = PeftModel.from_pretrained(load_model(config.model.source), str(adapter))
-    model.eval()
-    return model, load_tokenizer(config.model.source)
+    return load_exported_adapter(config.model.source, adapter), load_tokenizer(config.model.source)
 
 
 def eval_rows(run_dir: Path, config: RunConfig, tokenizer, data: Path | None) -> TokenDataset:
@@ -63,19 +57,6 @@ def eval_rows(run_dir: Path, config: RunConfig, tokenizer, data: Path | None) ->
     if not rows:
         raise ConfigError(f"--data {data}: no rows at train.seq_len = {config.train.seq_len}")
     return TokenDataset.concat(rows)
-
-
-def heldout_loss(model, rows: TokenDataset, batch_size: int) -> tuple[float, int]:
-    """Mean loss per loss-bearing token (the same average the run reports) and the token count."""
-    loss_sum, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in iterate_batches(rows, batch_size):
-            count = batch.num_tokens
-            if count == 0:
-                continue
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-            loss_sum, tokens = loss_sum + float(out.loss) * count, tokens + count
-    return loss_sum / max(tokens, 1), tokens
 
 
 @dataclass

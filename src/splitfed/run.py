@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from splitfed.adapters.lora import save_peft_adapter
 from splitfed.checkpoint import checkpoint_wall_s, load_checkpoint, resolve_checkpoint, save_checkpoint
 from splitfed.config import ConfigError, RunConfig
+from splitfed.export import export_run
 from splitfed.data.partition import FederatedData, build_federated_data
 from splitfed.data.sources import Document, load_documents
 from splitfed.models.loading import load_model, load_model_config, load_tokenizer, prepare_model
@@ -79,7 +79,7 @@ def _check_targets(config: RunConfig, model_config) -> None:
 # --- the run directory ----------------------------------------------------------------------
 RESULTS = ("metrics.jsonl", "summary.json", "checkpoints")
 """What makes a run directory used: writing into it needs ``resume`` or ``overwrite``."""
-ARTEFACTS = ("config.json", "metrics.jsonl", "summary.json", "adapter", "checkpoints",
+ARTEFACTS = ("config.json", "metrics.jsonl", "summary.json", "adapter", "merged", "checkpoints",
              "loss.png", "perplexity.png", "bytes.png", "memory.png", "tensorboard")
 """What ``overwrite`` deletes before a new run (other files in the directory are left alone)."""
 _MAY_CHANGE_ON_RESUME = {"train.rounds", "train.keep_checkpoints", "devices.memory_mb"}
@@ -310,6 +310,7 @@ def run(
         for round_index in range(first_round, config.train.rounds):
             participants = protocol.participants(round_index)
             up_before, down_before = protocol.link.total_up, protocol.link.total_down
+            kinds_before = dict(protocol.link.total_by_kind)
             _train_round_with_retries(protocol, round_index, participants, log)
             eval_loss = protocol.evaluate(data.eval)
             steps = _final_attempt_steps(log.records, round_index)
@@ -322,6 +323,9 @@ def run(
                     "tokens": sum(r["tokens"] for r in steps),
                     "bytes_up": protocol.link.total_up - up_before,
                     "bytes_down": protocol.link.total_down - down_before,
+                    "bytes_by_kind": {kind: total - kinds_before.get(kind, 0)
+                                      for kind, total in sorted(protocol.link.total_by_kind.items())
+                                      if total > kinds_before.get(kind, 0)},
                     "wall_s": time.perf_counter() - started,
                     "sim_s": protocol.clock.round_s,
                     "eval_loss": eval_loss,
@@ -333,8 +337,13 @@ def run(
                             keep=config.train.keep_checkpoints, wall_s=time.perf_counter() - started)
             bar.update(task, advance=1, description=f"{config.protocol}: rounds (eval ppl {_perplexity(eval_loss):.2f})")
 
-    save_peft_adapter(protocol.aggregator.global_state, protocol.global_lora_config(), out / "adapter", protocol.ctx.model_dir)
-    summary = _summary(config, protocol, log.records, base_loss, time.perf_counter() - started, plan)
+    aggregator = protocol.aggregator
+    exported = export_run(out, config.model.source, protocol.ctx.model_dir, aggregator.global_state,
+                          protocol.global_lora_config(),
+                          aggregator.accumulated_deltas() if aggregator.strategy.merges else None,
+                          config.aggregation.export_rank or protocol.global_rank, data.eval,
+                          config.train.eval_batch_size)
+    summary = {**_summary(config, protocol, log.records, base_loss, time.perf_counter() - started, plan), **exported}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_plots(log.records, summary, out)
     return summary
@@ -387,6 +396,7 @@ def _summary(config: RunConfig, protocol: Protocol, records: list[dict], base_lo
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         **protocol.memory(),
+        **protocol.summary(),
         **compression_summary(rounds),
         "wall_s": wall,
         "sim_s": sum(r["sim_s"] for r in rounds),

@@ -21,6 +21,8 @@ class Purpose(IntEnum):
     """The random serving order (index: step)."""
     ADAPTER_INIT = 5
     """A remote worker's adapter before its first download (index: device)."""
+    ADAPTER_RESTART = 6
+    """The global adapter after merge k of a merging aggregation (index: k)."""
 
 
 def derive_seed(seed: int, purpose: Purpose, *index: int) -> int:

@@ -37,6 +37,9 @@ class StagePlacement:
     base: str = ""
     """Which copy of the base weights the slot runs on; slots of one worker with the same ``base``
     share one frozen model ("" = the worker's own base). Copies cost memory (SplitFed-V1)."""
+    placement: tuple[tuple[int, str, int], ...] = ()
+    """(layer, module path in the layer, rank) of each matrix with LoRA when they differ per matrix
+    (HSplitLoRA, ``adapters.layout``); empty: every target of every layer at ``rank``."""
 
     @property
     def layers(self) -> range:

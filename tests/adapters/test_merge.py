@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from splitfed.adapters.merge import module_deltas, merge_deltas, restart_adapter, stack_pair
+from splitfed.adapters.aggregate import stack_pair
+from splitfed.adapters.merge import merge_deltas, module_deltas, restart_adapter
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -74,8 +74,12 @@ def assert_same_adapters(run_a, run_b) -> None:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize(("protocol", "cuts", "extra"), [("sfl", "[2]", ""), ("memsfl", "[1, 2, 4]", COMPRESSED)],
-                         ids=["sfl", "memsfl-compressed"])
+STACK = '[aggregation]\nmethod = "stack"\n'  # merges travel to the device processes, which add them to their bases
+
+
+@pytest.mark.parametrize(("protocol", "cuts", "extra"), [("sfl", "[2]", ""), ("memsfl", "[1, 2, 4]", COMPRESSED),
+                                                         ("memsfl", "[1, 2, 4]\nranks = [2, 4, 8, 4]", STACK)],
+                         ids=["sfl", "memsfl-compressed", "memsfl-stack"])
 def test_grpc_processes_match_in_process_run(tiny_llama_dir, corpus_dir, tmp_path, protocol, cuts, extra):
     config_path = tmp_path / "config.toml"
     write_config(config_path, tiny_llama_dir, corpus_dir, protocol, cuts, free_port(), extra)

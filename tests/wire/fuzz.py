@@ -21,7 +21,7 @@ from safetensors.torch import save as save_tensors
 from splitfed.wire.messages import KINDS, Message, encode
 from splitfed.wire.schema import BATCH, SCHEMAS, Bounds, ValueSpec
 
-SAMPLE_VALUES = {"reason": "refused", "op": "report", "meta": "{}", "num_samples": 3}
+SAMPLE_VALUES = {"reason": "refused", "op": "report", "meta": "{}", "num_samples": 3, "since": 0, "version": 1}
 
 
 def valid_message(kind: str, bounds: Bounds, sender: str = "device0", batch: int = 2) -> Message:
@@ -38,6 +38,10 @@ def valid_message(kind: str, bounds: Bounds, sender: str = "device0", batch: int
                 tensors[name] = torch.randint(spec.value_range[0], spec.value_range[1], shape, dtype=spec.dtype)
     if schema.state_tensors:
         tensors["slot/adapter/a"] = torch.zeros(2, 3)
+    if schema.merge_tensors:  # merge 0 of the first module the receiver holds, at rank 2
+        module, (out_features, in_features) = next(iter(bounds.merge_modules.items()))
+        tensors[f"0/{module}.lora_A.weight"] = torch.randn(2, in_features)
+        tensors[f"0/{module}.lora_B.weight"] = torch.randn(out_features, 2)
     return Message(kind, sender, 1, 2, tensors, values)
 
 

@@ -14,7 +14,8 @@ from splitfed.wire.schema import SCHEMAS, Bounds, check, check_reply
 from tests.wire.fuzz import generate, valid_message
 
 ADAPTER = {"layers.0.q_proj.lora_A.weight": (4, 16), "layers.0.q_proj.lora_B.weight": (16, 4)}
-BOUNDS = Bounds(hidden_size=16, vocab_size=50, seq_len=8, max_batch=4, adapter=ADAPTER)
+BOUNDS = Bounds(hidden_size=16, vocab_size=50, seq_len=8, max_batch=4, adapter=ADAPTER,
+                merge_modules={"layers.0.q_proj": (12, 16)}, max_merge_rank=8)
 
 
 def _decode_and_check(payload: bytes, bounds: Bounds = BOUNDS) -> Message:
@@ -39,6 +40,10 @@ def _upload(tensors: dict[str, torch.Tensor], **values) -> Message:
     return Message("adapter_upload", "device0", 1, 0, tensors, {"num_samples": 3, **values})
 
 
+def _merge(tensors: dict[str, torch.Tensor], since: int = 0) -> Message:
+    return Message("adapter_merge", "aggregator", 1, 0, tensors, {"since": since, "version": 1})
+
+
 RANK_4 = {k: torch.zeros(s) for k, s in ADAPTER.items()}
 RANK_64 = {"layers.0.q_proj.lora_A.weight": torch.zeros(64, 16), "layers.0.q_proj.lora_B.weight": torch.zeros(16, 64)}
 
@@ -60,6 +65,16 @@ RANK_64 = {"layers.0.q_proj.lora_A.weight": torch.zeros(64, 16), "layers.0.q_pro
         (Message("ack", "device0", 0, 0, values={"loss": "low"}), "loss='low'"),
         (Message("activation_grad", "server", 0, 0, {"grad": torch.zeros(2, 8, 16)},
                  {"loss": 1.0, "tokens": 3}), r"missing values \['grad_scale'\]"),
+        (_merge({"0/layers.0.q_proj.lora_A.weight": torch.zeros(2, 16)}), "needs lora_A and lora_B of one rank"),
+        (_merge({"0/layers.0.q_proj.lora_A.weight": torch.zeros(2, 16),
+                 "0/layers.0.q_proj.lora_B.weight": torch.zeros(12, 3)}), "needs lora_A and lora_B of one rank"),
+        (_merge({"0/layers.0.q_proj.lora_A.weight": torch.zeros(9, 16),
+                 "0/layers.0.q_proj.lora_B.weight": torch.zeros(12, 9)}), r"with 1 <= R <= 8"),
+        (_merge({"0/layers.0.k_proj.lora_A.weight": torch.zeros(2, 16)}), "not a module of the receiver's layers"),
+        (_merge({"3/layers.0.q_proj.lora_A.weight": torch.zeros(2, 16)}), r"is merge 3; the message brings 0..0"),
+        (_merge({"0/layers.0.q_proj.lora_A.weight": torch.zeros(2, 12)}), r"expected \(R, 16\)"),
+        (_merge({"x": torch.zeros(2, 12)}), "is not named '<version>/<module>.lora_A.weight'"),
+        (_merge({}, since=2), "since=2 must be below version=1"),
     ],
 )
 def test_schema_violations_name_the_field(message, expected):

@@ -16,8 +16,14 @@ layout, which fits it to its own rank when it loads it (``adapters.lora.set_adap
   participant's rank (as every participant does when it loads) is then the best rank-r
   approximation of the average, and exact when r is at least the average's rank.
 
+- ``stack`` (FLoRA / HSplitLoRA): per module, the weighted A's stacked along the rank axis and
+  the B's beside each other, so B_cat·A_cat = sum_k p_k B_k·A_k exactly, at rank sum_k r_k. That
+  rank is not kept as an adapter: the aggregator (``roles.aggregator``) scales the pair into a
+  *merge* (delta = B_cat·A_cat), every role adds it to its frozen base weights and all adapters
+  restart (A fresh, B = 0), which leaves the model's function unchanged (``adapters.merge``).
+
 Averaging factors (``fedavg``, ``zeropad``) is not averaging products: mean(B)·mean(A) has
-cross terms B_j·A_k (j != k) that no participant trained; ``svd`` has none.
+cross terms B_j·A_k (j != k) that no participant trained; ``svd`` and ``stack`` have none.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class Strategy:
     """How the tensors of one key (or of one module's factor pair) are combined."""
 
     name: ClassVar[str]
+    merges: ClassVar[bool] = False
+    """The combined pairs are merged into the base weights (and adapters restart) instead of being the new adapter."""
 
     def combine(self, key: str, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         raise NotImplementedError
@@ -87,22 +95,51 @@ class SVD(Strategy):
     name = "svd"
 
     def combine(self, key: str, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-        raise ValueError(f"aggregation.method 'svd' combines lora_A and lora_B of a module together; "
+        raise ValueError(f"aggregation.method {self.name!r} combines lora_A and lora_B of a module together; "
                          f"{key!r} has no partner factor")
 
     def combine_pair(self, module: str, a: list[torch.Tensor], b: list[torch.Tensor], weights: list[float]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         total = sum(weights)
         product = sum((w / total) * (bk.double() @ ak.double()) for ak, bk, w in zip(a, b, weights))
-        rank = max(ak.shape[0] for ak in a)  # (out, in) product -> rank-R factors, components by size
-        u, singular, vh = torch.linalg.svd(product, full_matrices=False)
-        root = singular[:rank].sqrt()  # rank may exceed min(out, in): the missing components are zero
-        new_a = fit_rank(root[:, None] * vh[:rank], torch.Size((rank, product.shape[1])))
-        new_b = fit_rank(u[:, :rank] * root, torch.Size((product.shape[0], rank)))
+        new_a, new_b, _ = low_rank_factors(product, max(ak.shape[0] for ak in a))
         return new_a.to(a[0].dtype).contiguous(), new_b.to(b[0].dtype).contiguous()
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, ZeroPad, SVD)}
+def low_rank_factors(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, tail) with B @ A the best rank-``rank`` approximation of the (out, in) ``product``,
+    components in descending order (truncating them is again the best approximation), and
+    tail = ||product - B @ A||_F^2 (0 when the product's rank is at most ``rank``)."""
+    u, singular, vh = torch.linalg.svd(product, full_matrices=False)
+    root = singular[:rank].sqrt()  # rank may exceed min(out, in): the missing components are zero
+    new_a = fit_rank(root[:, None] * vh[:rank], torch.Size((rank, product.shape[1])))
+    new_b = fit_rank(u[:, :rank] * root, torch.Size((product.shape[0], rank)))
+    return new_a, new_b, float((singular[rank:] ** 2).sum())
+
+
+def stack_pair(a: list[torch.Tensor], b: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_cat, B_cat) with B_cat @ A_cat = sum_k p_k B_k @ A_k, p = weights / sum(weights).
+
+    A_k: (r_k, in), B_k: (out, r_k); A_cat: (sum r_k, in), B_cat: (out, sum r_k). alpha / r is
+    one constant for every rank (``adapters.lora.make_lora_config``), so no per-rank rescaling."""
+    total = sum(weights)
+    if not a or len(a) != len(b) or len(a) != len(weights) or not total > 0:
+        raise ValueError(f"stack_pair needs one (A, B, weight) per participant with positive total weight; got "
+                         f"{len(a)} A, {len(b)} B, weights {weights}")
+    return (torch.cat([ak * (w / total) for ak, w in zip(a, weights)], dim=0),
+            torch.cat(list(b), dim=1))
+
+
+class Stack(SVD):
+    name = "stack"
+    merges = True
+
+    def combine_pair(self, module: str, a: list[torch.Tensor], b: list[torch.Tensor], weights: list[float]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return stack_pair(a, b, weights)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, ZeroPad, SVD, Stack)}
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 

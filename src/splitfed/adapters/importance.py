@@ -15,7 +15,8 @@ its gradient and two Adam moments in fp32, 12 bytes per weight. Scores are smoot
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -29,38 +30,57 @@ def base_linear(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)
 
 
-def measure_scores(modules: Mapping[str, nn.Module], run_backward: Callable[[], None]) -> dict[str, float]:
-    """Each module's score |sum over tokens of <dL/dy, y - b>| / C(W) over what ``run_backward`` computes.
+class ScoreMeter:
+    """Accumulates each module's sum over tokens of <dL/dy, y - b> over the passes it watches.
 
-    ``run_backward`` runs the forward passes and ``loss.backward()`` of a few batches; the hooks
-    accumulate over all of them and are removed afterwards."""
-    sums = {name: torch.zeros((), dtype=torch.float64) for name in modules}
-    handles = []
+    Only forward passes inside ``watching()`` are seen (their output gradients arrive later, in
+    backward), so several roles sharing one base model can each measure their own passes."""
 
-    def watch(name: str, affine: nn.Module) -> Callable:
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.sums = {name: torch.zeros((), dtype=torch.float64) for name in modules}
+
+    def _hook(self, name: str, affine: nn.Module) -> Callable:
         def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not output.requires_grad:
-                return
+                if not torch.is_grad_enabled():
+                    return  # evaluation: no backward will come
+                output.requires_grad_(True)  # frozen layer on frozen inputs (layer 0): let dL/dy reach it anyway
             linear_part = output.detach() - (affine.bias.detach() if affine.bias is not None else 0)  # W x
 
             def gradient_hook(grad: torch.Tensor) -> None:  # grad: dL/dy, (batch, seq, out)
-                sums[name] += (grad.double() * linear_part.double()).sum()
+                self.sums[name] += (grad.double() * linear_part.double()).sum()
 
             output.register_hook(gradient_hook)
 
         return forward_hook
 
-    for name, module in modules.items():
-        affine = base_linear(module)
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """Watch the forward passes run inside the block."""
         # prepend: see the module's own output, before any other hook replaces it
-        handles.append(affine.register_forward_hook(watch(name, affine), prepend=True))
-    try:
+        handles = [base_linear(m).register_forward_hook(self._hook(n, base_linear(m)), prepend=True)
+                   for n, m in self.modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def scores(self) -> dict[str, float]:
+        """|sum| / C(W) per module over everything watched so far."""
+        return {name: abs(float(total)) / (FINE_TUNE_BYTES_PER_WEIGHT * base_linear(self.modules[name]).weight.numel())
+                for name, total in self.sums.items()}
+
+
+def measure_scores(modules: Mapping[str, nn.Module], run_backward: Callable[[], None]) -> dict[str, float]:
+    """Each module's score |sum over tokens of <dL/dy, y - b>| / C(W) over what ``run_backward`` computes.
+
+    ``run_backward`` runs the forward passes and ``loss.backward()`` of a few batches."""
+    meter = ScoreMeter(modules)
+    with meter.watching():
         run_backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: abs(float(total)) / (FINE_TUNE_BYTES_PER_WEIGHT * base_linear(modules[name]).weight.numel())
-            for name, total in sums.items()}
+    return meter.scores()
 
 
 class ImportanceTracker:

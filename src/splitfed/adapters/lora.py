@@ -48,8 +48,30 @@ def make_lora_config(
 
 
 def layout_config(family: Family, layout: AdapterLayout, dropout: float = 0.0) -> LoraConfig:
-    """The PEFT LoraConfig of an adapter with ``layout``."""
-    return make_lora_config(family, list(layout.targets), layout.rank, layout.alpha_per_rank, list(layout.layers), dropout)
+    """The PEFT LoraConfig of an adapter with ``layout`` (a placement names each module by its full
+    path, with its rank in ``rank_pattern``)."""
+    if not layout.placement:
+        return make_lora_config(family, list(layout.targets), layout.rank, layout.alpha_per_rank,
+                                list(layout.layers), dropout)
+    paths = {f"{family.layer_prefix(layer)}{path}": rank for layer, path, rank in layout.placement}
+    return LoraConfig(
+        r=layout.rank,
+        lora_alpha=layout.alpha,
+        target_modules=sorted(paths),
+        rank_pattern={p: r for p, r in paths.items() if r != layout.rank},
+        alpha_pattern={p: layout.alpha_per_rank * r for p, r in paths.items() if r != layout.rank},
+        lora_dropout=dropout,
+        bias="none",
+        fan_in_fan_out=family.fan_in_fan_out,
+    )
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter ``name`` from every layer of ``model`` (so that one of another layout can take its name)."""
+    for layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer.delete_adapter(name)
+    getattr(model, "peft_config", {}).pop(name, None)
 
 
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
@@ -109,6 +131,18 @@ def fit_rank(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     rows, cols = min(shape[0], tensor.shape[0]), min(shape[1], tensor.shape[1])
     out[:rows, :cols] = tensor[:rows, :cols]
     return out
+
+
+def target_modules(model: nn.Module, family: Family, layers, targets) -> dict[str, nn.Module]:
+    """Full path -> module, for every module of ``layers`` named by ``targets`` (``q_proj`` or ``self_attn.q_proj``)."""
+    targets = tuple(targets)
+    found = {}
+    for layer in layers:
+        prefix = family.layer_prefix(layer)
+        for name, module in model.get_submodule(prefix.rstrip(".")).named_modules():
+            if name and any(name == t or name.endswith(f".{t}") for t in targets):
+                found[prefix + name] = module
+    return found
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:

@@ -26,6 +26,7 @@ from transformers import PretrainedConfig
 
 from splitfed.adapters.aggregate import Upload
 from splitfed.adapters.layout import AdapterLayout
+from splitfed.adapters.merge import apply_merges
 from splitfed.adapters.lora import activate, add_adapter, get_adapter_state, layout_config, lora_layers, set_adapter_state
 from splitfed.config import ProtocolOptions, RunConfig
 from splitfed.data.batches import TokenDataset, iterate_batches
@@ -45,7 +46,7 @@ from splitfed.seeding import Purpose, derive_seed
 from splitfed.system.clock import Clock, predicted_memory
 from splitfed.system.cuts import resolve_cuts
 from splitfed.system.schedule import serving_order
-from splitfed.topology import Hop, StagePlacement, Topology
+from splitfed.topology import NO_ROUTE, Hop, StagePlacement, Topology
 from splitfed.wire.messages import Message
 
 GLOBAL_ADAPTER = "global"
@@ -54,7 +55,7 @@ GLOBAL_ADAPTER = "global"
 def adapter_layout(config: RunConfig, stage: StagePlacement) -> AdapterLayout:
     """The LoRA layout of a stage's slot: its layers, the configured targets, the stage's rank."""
     lora = config.lora
-    return AdapterLayout(stage.layers, tuple(lora.targets), stage.rank, lora.alpha / lora.rank)
+    return AdapterLayout(stage.layers, tuple(lora.targets), stage.rank, lora.alpha / lora.rank, stage.placement)
 
 
 class RoundFailed(RuntimeError):
@@ -156,7 +157,9 @@ class Protocol(ABC):
         """The exported global adapter: every layer at the largest rank of any stage."""
         self._add_adapter(self.model, GLOBAL_ADAPTER, self.global_layout)
         self.aggregator = Aggregator(get_adapter_state(self.model, GLOBAL_ADAPTER), self.family,
-                                     self.config.aggregation.method)
+                                     self.config.aggregation.method, lora.alpha / lora.rank, self.config.seed)
+        self.merged: dict[tuple[str, str], int] = {}
+        """Per slot (worker, slot): how many of the aggregator's merges it has been sent."""
         self._global_layers = lora_layers(self.model)
         self.workers: dict[str, WorkerHandle] = {**self._local_workers(set(remote)), **remote}
         self.dropped: set[int] = set()  # devices that left a round and have not finished one since
@@ -277,16 +280,42 @@ class Protocol(ABC):
         return list(seen.values())
 
     def download_adapters(self, round_index: int, participants: list[int], active: list[int]) -> None:
-        """Every slot the round's routes pass loads its part of the global adapter."""
+        """Every slot the round's routes pass loads its part of the global adapter; with a merging
+        aggregation it first merges into its base the merges it has not had (``adapters.merge``)."""
         replies: list[tuple[int, Reply]] = []
+        merged: dict[tuple[str, str], int] = {}
+        version = self.aggregator.version
         for stage in self._slots_of(participants):
+            hop, owner = Hop(self.topo.aggregator, stage.worker), self.topo.owner(stage.key)
+            since = self.merged.get(stage.key, 0)
+            if since < version:
+                merges = self.aggregator.merges_for(stage.layers, since)
+                message = Message("adapter_merge", "aggregator", round_index, 0, merges,
+                                  {"since": since, "version": version})
+                delivered = self.net.carry(hop, owner, "down", message)
+                replies.append((owner, self.workers[stage.worker].merge(stage.slot, delivered)))
+                merged[stage.key] = version
             state = self.aggregator.download_for(self.layout_of(stage))
             message = Message("adapter_download", "aggregator", round_index, 0, state)
-            hop, owner = Hop(self.topo.aggregator, stage.worker), self.topo.owner(stage.key)
             delivered = self.net.carry(hop, owner, "down", message)
             replies.append((owner, self.workers[stage.worker].download(stage.slot, delivered)))
         for owner, reply in replies:
             self.attempt(owner, round_index, 0, active, reply.result)
+        for key, version in merged.items():  # a slot whose device dropped is sent its merges again
+            if self.topo.owner(key) in active or self.topo.owner(key) == NO_ROUTE:
+                self.merged[key] = version
+
+    def aggregate(self, uploads: list[Upload]) -> None:
+        """Combine the round's uploads; a merge also goes into this process's base model at once
+        (the global adapter the evaluation and the export use sits on it)."""
+        self.aggregator.aggregate(uploads)
+        if self.aggregator.strategy.merges:
+            self.merge_local()
+
+    def merge_local(self) -> None:
+        """Bring every layer of this process's base model to the aggregator's merges."""
+        apply_merges(self.model, self.aggregator.merges_for(range(self.total_layers), 0), self.family,
+                     range(self.total_layers), 0, self.aggregator.version)
 
     def upload_adapters(self, round_index: int, active: list[int]) -> list[Upload]:
         """Every slot the finishing routes passed sends its adapter; each route's full-depth
@@ -343,6 +372,10 @@ class Protocol(ABC):
             report[peak_key] = max(report.get(peak_key, 0), handle.peak_bytes())
             report[params_key] = max(report.get(params_key, 0), handle.trainable_params)
         return report
+
+    def summary(self) -> dict:
+        """What this protocol adds to summary.json (e.g. the configurations it chose)."""
+        return {}
 
     # --- what each protocol defines -------------------------------------------------------
     @abstractmethod

@@ -48,4 +48,4 @@ class LocalProtocol(Protocol):
         uploads = self.upload_adapters(round_index, active)
         self.clock.transfer(self.take_sent())
         self.require_quorum(round_index, participants, active)
-        self.aggregator.aggregate(uploads)
+        self.aggregate(uploads)

@@ -69,7 +69,7 @@ class SplitProtocol(Protocol):
         uploads = self.upload_adapters(round_index, active)
         clock.transfer(self.take_sent())
         self.require_quorum(round_index, participants, active)
-        self.aggregator.aggregate(uploads)
+        self.aggregate(uploads)
 
     # --- one step -------------------------------------------------------------------------
     def _first_forward(self, device: int, round_index: int, step: int) -> Reply[Message]:

@@ -23,13 +23,22 @@ from dataclasses import dataclass
 
 import torch
 
+from contextlib import AbstractContextManager, nullcontext
+
+from peft import LoraConfig
+
+from splitfed.adapters.importance import ScoreMeter
 from splitfed.adapters.lora import (
     activate,
+    add_adapter,
     adapter_parameters,
     get_adapter_state,
     lora_layers,
+    remove_adapter,
     set_adapter_state,
+    target_modules,
 )
+from splitfed.adapters.merge import apply_merges
 from splitfed.config import TrainSection
 from splitfed.data.batches import BatchStream, TokenDataset
 from splitfed.models.split import Stage, position_ids_for, token_loss_sum
@@ -79,6 +88,10 @@ class Slot:
     num_samples: int = 0
     sq_norm: float = 0.0
     pending: _Pending | None = None
+    meter: ScoreMeter | None = None
+    """Importance of the slot's weight matrices over the passes it watches (HSplitLoRA)."""
+    watch_left: int = 0
+    """Forward passes the meter still watches."""
 
     def discard_pending(self) -> None:
         """Drop what an unfinished step left: gradients whose optimizer step never came, a forward's graph."""
@@ -97,15 +110,27 @@ class StageWorker:
         self, name: str, stage: Stage, adapter: str, data: TokenDataset | None = None, seed: int | None = None
     ) -> Slot:
         """Train adapter ``adapter`` of ``stage``'s model in slot ``name``; a first stage reads ``data``."""
-        params = list(adapter_parameters(stage.model, adapter).values())
-        layers = [m for owned in stage.owned_modules() for m in lora_layers(owned)]
-        slot = Slot(name, stage, adapter, params, make_optimizer(params, self.train), layers,
-                    module_tensors(stage.owned_modules()))
+        slot = Slot(name, stage, adapter, *self._adapter_parts(stage, adapter))
         if data is not None:
             slot.stream = BatchStream(data, self.train.batch_size, seed if seed is not None else 0)
             slot.num_samples = len(data)
         self.slots[name] = slot
         return slot
+
+    def _adapter_parts(self, stage: Stage, adapter: str) -> tuple[list, torch.optim.Optimizer, list, list]:
+        """(params, optimizer, LoRA layers, held tensors) of adapter ``adapter`` on ``stage``."""
+        params = list(adapter_parameters(stage.model, adapter).values())
+        layers = [m for owned in stage.owned_modules() for m in lora_layers(owned)]
+        return params, make_optimizer(params, self.train), layers, module_tensors(stage.owned_modules())
+
+    def relayout(self, slot_name: str | None, config: LoraConfig) -> None:
+        """Replace the slot's adapter by one of another layout (placement, ranks), with a fresh optimizer;
+        its values come with the next download."""
+        slot = self.slot(slot_name)
+        slot.discard_pending()
+        remove_adapter(slot.stage.model, slot.adapter)
+        add_adapter(slot.stage.model, slot.adapter, config)
+        slot.params, slot.optimizer, slot.lora_layers, slot.held_tensors = self._adapter_parts(slot.stage, slot.adapter)
 
     def slot(self, name: str | None) -> Slot:
         if name is None and len(self.slots) == 1:
@@ -121,7 +146,7 @@ class StageWorker:
         slot.discard_pending()
         activate(slot.lora_layers, [slot.adapter])
         batch = slot.stream.next_batch()
-        with self.meter.measure(exclude=slot.held_tensors):
+        with self.meter.measure(exclude=slot.held_tensors), self._watch(slot):
             hidden = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
         self.meter.record(self.meter.last)
         slot.pending = _Pending([], [hidden.shape[0]], None, hidden)  # (batch, seq, hidden)
@@ -163,8 +188,9 @@ class StageWorker:
         labels = torch.cat([m.tensors["labels"] for m in messages])
         sizes = [m.tensors["hidden"].shape[0] for m in messages]
         routes = [r for r, _ in arrivals]
+        watch = self._watch(slot)
         if not slot.stage.spec.last:
-            with self.meter.measure(exclude=slot.held_tensors):
+            with self.meter.measure(exclude=slot.held_tensors), watch:
                 out = slot.stage(hidden, mask, position_ids_for(mask))
             slot.pending = _Pending(routes, sizes, hidden, out)
             return {
@@ -172,7 +198,7 @@ class StageWorker:
                            {"hidden": h, "attention_mask": m.tensors["attention_mask"], "labels": m.tensors["labels"]})
                 for r, m, h in zip(routes, messages, out.split(sizes))
             }
-        with self.meter.measure(exclude=slot.held_tensors):  # the loss's log-softmax is saved too
+        with self.meter.measure(exclude=slot.held_tensors), watch:  # the loss's log-softmax is saved too
             logits = slot.stage(hidden, mask, position_ids_for(mask))
             sums, counts = zip(*(token_loss_sum(lg, lb) for lg, lb in zip(logits.split(sizes), labels.split(sizes))))
         total_tokens = max(sum(counts), 1)
@@ -228,7 +254,7 @@ class StageWorker:
         slot = self.slot(slot_name)
         activate(slot.lora_layers, [slot.adapter])
         batch = slot.stream.next_batch()
-        with self.meter.measure(exclude=slot.held_tensors):
+        with self.meter.measure(exclude=slot.held_tensors), self._watch(slot):
             logits = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
             loss_sum, tokens = token_loss_sum(logits, batch.labels)
         self.meter.record(self.meter.last)
@@ -237,6 +263,28 @@ class StageWorker:
         scale = clip_scale(grad_sq_norm(slot.params), self.train.max_grad_norm)
         apply_step(slot.optimizer, slot.params, scale, lr)
         return loss.item(), tokens
+
+    # --- importance (HSplitLoRA) -------------------------------------------------------------
+    def measure_importance(self, slot_name: str | None, targets: list[str], passes: int) -> None:
+        """Score the ``targets`` matrices of the slot's layers (``adapters.importance``) over its next ``passes`` forward passes."""
+        slot = self.slot(slot_name)
+        spec = slot.stage.spec
+        modules = target_modules(slot.stage.model, slot.stage.family, range(spec.start, spec.end), targets)
+        slot.meter, slot.watch_left = ScoreMeter(modules), passes
+
+    def _watch(self, slot: Slot) -> AbstractContextManager:
+        if slot.meter is None or slot.watch_left <= 0:
+            return nullcontext()
+        slot.watch_left -= 1
+        return slot.meter.watching()
+
+    def importance(self, slot_name: str | None, round_index: int) -> Message:
+        """The scores measured since ``measure_importance``, one float64 per matrix named by its path; the meter stops."""
+        slot = self.slot(slot_name)
+        scores = slot.meter.scores() if slot.meter is not None else {}
+        slot.meter, slot.watch_left = None, 0
+        tensors = {path: torch.tensor([score], dtype=torch.float64) for path, score in scores.items()}
+        return Message("importance", self.name, round_index, 0, tensors)
 
     # --- federation ---------------------------------------------------------------------
     def upload(self, slot_name: str | None, round_index: int) -> Message:
@@ -247,6 +295,13 @@ class StageWorker:
     def download(self, slot_name: str | None, message: Message) -> None:
         slot = self.slot(slot_name)
         set_adapter_state(slot.stage.model, slot.adapter, message.tensors)
+
+    def merge(self, slot_name: str | None, message: Message) -> None:
+        """Add the merges the message brings (``adapters.merge``) to the base weights of the slot's layers."""
+        slot = self.slot(slot_name)
+        spec = slot.stage.spec
+        apply_merges(slot.stage.model, message.tensors, slot.stage.family, range(spec.start, spec.end),
+                     int(message.values["since"]), int(message.values["version"]))
 
     # --- checkpoints --------------------------------------------------------------------
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -60,7 +60,7 @@ class HostedDevice:
 
 
 OPERATIONS = {"activation_grad": "backward", "clip_scale": "apply", "adapter_download": "download",
-              "role_state": "import_state"}
+              "adapter_merge": "merge", "role_state": "import_state"}
 """What a request of each data kind asks the worker to do (a ``call`` names its op itself)."""
 
 
@@ -89,6 +89,9 @@ def handle(device: HostedDevice, message: Message, codec: MessageCodec) -> Messa
     if op == "download":
         worker.download(None, message)
         return Message("ack", name, r, s)
+    if op == "merge":
+        worker.merge(None, message)
+        return Message("ack", name, r, s)
     if op == "export_state":
         tensors, meta = worker.export_state()
         tensors.update({CODEC_STATE + k: v for k, v in codec.export_state(device.id).items()})
@@ -108,7 +111,7 @@ def is_stop(message: Message) -> bool:
     return message.kind == "call" and message.values.get("op") == "stop"
 
 
-REQUESTS = ("activation_grad", "clip_scale", "adapter_download", "call", "role_state")
+REQUESTS = ("activation_grad", "clip_scale", "adapter_download", "adapter_merge", "call", "role_state")
 """Kinds the server sends a device as requests (an ``error`` is a notice that needs no answer)."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from peft import LoraConfig
 
 from splitfed.roles.worker import Arrivals, StageWorker
 from splitfed.runtime.futures import Reply, run_now
@@ -30,6 +31,10 @@ class WorkerHandle(Protocol):
     def local_step(self, slot: str, lr: float) -> Reply[tuple[float, int]]: ...
     def upload(self, slot: str, round_index: int) -> Reply[Message]: ...
     def download(self, slot: str, message: Message) -> Reply[None]: ...
+    def merge(self, slot: str, message: Message) -> Reply[None]: ...
+    def measure_importance(self, slot: str, targets: list[str], passes: int) -> None: ...
+    def importance(self, slot: str, round_index: int) -> Reply[Message]: ...
+    def relayout(self, slot: str, config: LoraConfig) -> None: ...
     def forward_group(self, groups: dict[str, Arrivals]) -> Reply[dict[int, Message]]: ...
     def backward_group(self, groups: dict[str, Arrivals]) -> Reply[dict[int, Message]]: ...
     def sq_norm(self, slot: str) -> float: ...
@@ -65,6 +70,18 @@ class LocalWorker:
 
     def download(self, slot: str, message: Message) -> Reply[None]:
         return run_now(lambda: self.worker.download(slot, message))
+
+    def merge(self, slot: str, message: Message) -> Reply[None]:
+        return run_now(lambda: self.worker.merge(slot, message))
+
+    def measure_importance(self, slot: str, targets: list[str], passes: int) -> None:
+        self.worker.measure_importance(slot, targets, passes)
+
+    def importance(self, slot: str, round_index: int) -> Reply[Message]:
+        return run_now(lambda: self.worker.importance(slot, round_index))
+
+    def relayout(self, slot: str, config: LoraConfig) -> None:
+        self.worker.relayout(slot, config)
 
     def forward_group(self, groups: dict[str, Arrivals]) -> Reply[dict[int, Message]]:
         return run_now(lambda: self.worker.forward_group(groups))

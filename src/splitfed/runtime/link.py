@@ -36,6 +36,8 @@ class ByteCounts:
         self._down: dict[int, int] = defaultdict(int)
         self._hops: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._sent: dict[tuple[int, str, str], int] = defaultdict(int)
+        self.total_by_kind: dict[str, int] = defaultdict(int)
+        """Bytes per message kind since the start (both directions); only grows."""
 
     def record(self, hop: Hop, route: int, nbytes: int, direction: str, kind: str | None = None) -> None:
         if direction == "up":
@@ -45,6 +47,7 @@ class ByteCounts:
             self.total_down += nbytes
             self._down[route] += nbytes
         self._hops[route][hop.name] += nbytes
+        self.total_by_kind[kind or "other"] += nbytes
         if kind is not None and kind not in CONTROL_KINDS:
             self._sent[(route, hop.name, kind)] += nbytes
 

@@ -164,6 +164,9 @@ class RemoteWorker:
             self.bounds = replace(self.bounds, adapter={k: tuple(v.shape) for k, v in message.tensors.items()})
         return _acknowledged(self._request(message, "ack", adapter=True))
 
+    def merge(self, slot: str, message: Message) -> Reply[None]:
+        return _acknowledged(self._request(message, "ack", adapter=True))
+
     def forward_group(self, groups):  # noqa: ANN001 - devices run first stages only
         raise NotImplementedError(f"{self.name}: a remote device runs a first stage only")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -52,6 +53,10 @@ class Bounds:
     """Largest ``num_samples`` an upload may claim."""
     batch: int | None = None
     """The batch size the message must have (a device's pending forward); None: any up to max_batch."""
+    merge_modules: Mapping[str, tuple[int, int]] | None = None
+    """Modules whose base weights the receiver merges (``adapter_merge``): path -> (out, in) of the weight."""
+    max_merge_rank: int = 0
+    """Largest rank of one merge of one module (the sum of the ranks that were stacked)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class Schema:
     """The tensors a message of this kind carries; None: no tensors."""
     state_tensors: bool = False
     """Any number of named state tensors (``role_state``) instead of fixed ones."""
+    merge_tensors: bool = False
+    """Merge factors ``"<k>/<module>.lora_A.weight"`` / ``lora_B`` (``adapter_merge``), checked against
+    ``Bounds.merge_modules`` and the message's ``since`` .. ``version``."""
     required: dict[str, ValueSpec] = field(default_factory=dict)
     optional: dict[str, ValueSpec] = field(default_factory=dict)
 
@@ -124,6 +132,10 @@ SCHEMAS: dict[str, Schema] = {
     "adapter_upload": Schema(_adapter, required={"num_samples": ValueSpec(int, low=1, high=MAX_INDEX)}),
     # aggregator -> device: global adapter slice for the next round
     "adapter_download": Schema(_adapter),
+    # aggregator -> every role holding the layers: the merges since its last, to add to its base weights
+    "adapter_merge": Schema(merge_tensors=True, required={"since": COUNT, "version": ValueSpec(int, low=1, high=MAX_INDEX)}),
+    # a stage -> the aggregator: importance of each weight matrix it measured (HSplitLoRA), one float64 per path
+    "importance": Schema(state_tensors=True),
     # server -> device process: run an operation that carries no data of its own
     "call": Schema(required={"op": ValueSpec(str, choices=OPS)}, optional={"lr": NON_NEGATIVE}),
     # device process -> server: an operation finished (values may carry its result)
@@ -144,6 +156,9 @@ def check(message: Message, bounds: Bounds) -> Message:
     _check_values(where, message.values, schema)
     if schema.state_tensors:
         _check_state_tensors(where, message.tensors)
+        return message
+    if schema.merge_tensors:
+        _check_merge_tensors(where, message, bounds)
         return message
     specs = schema.tensors(bounds) if schema.tensors else {}
     if message.tensors.keys() != specs.keys():
@@ -238,3 +253,44 @@ def _check_state_tensors(where: str, tensors: Mapping[str, torch.Tensor]) -> Non
             raise MessageError(f"{where}: state tensor {shown(name)} has dtype {tensor.dtype}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise MessageError(f"{where}: state tensor {shown(name)} has NaN or infinite values")
+
+
+_MERGE_NAME = re.compile(r"(\d{1,10})/(.+)\.lora_([AB])\.weight")
+
+
+def _check_merge_tensors(where: str, message: Message, bounds: Bounds) -> None:
+    """Each name a merge version in [since, version) of a module the receiver holds; A (R, in) and
+    B (out, R) of one merge of one module both present with one R <= max_merge_rank; finite float32."""
+    since, version = int(message.values["since"]), int(message.values["version"])
+    if since >= version:
+        raise MessageError(f"{where}: since={since} must be below version={version}")
+    if bounds.merge_modules is None:
+        raise MessageError(f"{where}: this receiver holds no layers to merge into")
+    if len(message.tensors) > MAX_STATE_TENSORS:
+        raise MessageError(f"{where}: {len(message.tensors)} tensors; at most {MAX_STATE_TENSORS} allowed")
+    ranks: dict[tuple[str, str], dict[str, int]] = {}
+    for name, tensor in message.tensors.items():
+        match = _MERGE_NAME.fullmatch(name)
+        if match is None:
+            raise MessageError(f"{where}: tensor {shown(name)} is not named '<version>/<module>.lora_A.weight' (or lora_B)")
+        k, module, factor = match.groups()
+        if not since <= int(k) < version:
+            raise MessageError(f"{where}: tensor {shown(name)} is merge {k}; the message brings {since}..{version - 1}")
+        if module not in bounds.merge_modules:
+            raise MessageError(f"{where}: tensor {shown(name)}: {shown(module)} is not a module of the receiver's layers")
+        out_features, in_features = bounds.merge_modules[module]
+        if tensor.dtype != torch.float32 or tensor.dim() != 2:
+            raise MessageError(f"{where}: tensor {shown(name)} must be a 2-D float32 tensor; got {tensor.dtype} "
+                               f"{tuple(tensor.shape)}")
+        rank, other, want = (tensor.shape[0], tensor.shape[1], in_features) if factor == "A" else \
+            (tensor.shape[1], tensor.shape[0], out_features)
+        if other != want or not 1 <= rank <= bounds.max_merge_rank:
+            expected = f"(R, {in_features})" if factor == "A" else f"({out_features}, R)"
+            raise MessageError(f"{where}: tensor {shown(name)} has shape {tuple(tensor.shape)}, expected {expected} "
+                               f"with 1 <= R <= {bounds.max_merge_rank}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise MessageError(f"{where}: tensor {shown(name)} has NaN or infinite values")
+        ranks.setdefault((k, module), {})[factor] = rank
+    for (k, module), factors in ranks.items():
+        if len(set(factors.values())) != 1 or len(factors) != 2:
+            raise MessageError(f"{where}: merge {k} of {shown(module)} needs lora_A and lora_B of one rank; got {factors}")

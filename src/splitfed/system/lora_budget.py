@@ -57,7 +57,7 @@ def configure_device(costs: LayerCosts, importance: Mapping[Matrix, float], budg
     fitting = [cut for cut in range(1, max_cut + 1) if floor_bytes(cut) <= budget_bytes]
     if not fitting:
         need = floor_bytes(1) / (1 << 20)
-        raise BudgetError(f"{device}: a memory budget of {budget_bytes / (1 << 20):.1f} MB cannot hold one layer with "
+        raise BudgetError(f"{device}: a memory budget of {budget_bytes / (1 << 20):g} MB cannot hold one layer with "
                           f"rank-{smallest} LoRA ({need:.1f} MB estimated); raise devices.memory_mb")
     cut = max(fitting)
     candidates = [(layer, path) for layer in range(cut) for path in shapes]

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from splitfed.models.loading import load_model_config
-from splitfed.planning.lora_budget import BudgetError, configure_device, matrix_lora_bytes, ranking_shift
+from splitfed.system.lora_budget import BudgetError, configure_device, matrix_lora_bytes, ranking_shift
 from splitfed.system.costs import layer_costs, stage_memory
 
 MB = 1 << 20
