@@ -38,8 +38,9 @@ def valid_message(kind: str, bounds: Bounds, sender: str = "device0", batch: int
                 tensors[name] = torch.randint(spec.value_range[0], spec.value_range[1], shape, dtype=spec.dtype)
     if schema.state_tensors:
         tensors["slot/adapter/a"] = torch.zeros(2, 3)
-    if schema.merge_tensors:  # merge 0 of the first module the receiver holds, at rank 2
-        module, (out_features, in_features) = next(iter(bounds.merge_modules.items()))
+    if schema.merge_tensors:  # merge 0 of the first module the receiver holds (or of none it holds), at rank 2
+        known = bounds.merge_modules or {"fuzz.proj": (bounds.hidden_size, bounds.hidden_size)}
+        module, (out_features, in_features) = next(iter(known.items()))
         tensors[f"0/{module}.lora_A.weight"] = torch.randn(2, in_features)
         tensors[f"0/{module}.lora_B.weight"] = torch.randn(out_features, 2)
     return Message(kind, sender, 1, 2, tensors, values)
