@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct, LoRA on q/v, Shakespeare split by play over 5 devices who
 span 4x. Every method trains the same rounds and steps from the same data and seeds:
 
 - ``hsplitlora``: cuts, LoRA placement and ranks from each budget, importance-guided, ``stack``
-  aggregation merged into the base (the published scheme);
+  aggregation merged into the base (the published scheme); ``hsplitlora + zeropad``: the same
+  configurations with HetLoRA's aggregation instead (no merges, adapters carried across rounds);
 - ``memsfl + zeropad`` (HetLoRA) and ``memsfl + svd`` (FlexLoRA): the same cuts, one rank per device
   by budget (2, 4, 8, 16, 16);
 - ``memsfl, rank 2``: everyone at the smallest rank, plain averaging (the SplitLoRA answer);
@@ -39,7 +40,7 @@ BUDGETS_MB = [170, 240, 340, 480, 680]
 RANKS = [2, 4, 8, 16, 16]
 """One rank per device by budget, for the methods that give a device one rank (and every method's server slots)."""
 BATCH, SEQ = 4, 64
-METHODS = ("hsplitlora", "memsfl + zeropad", "memsfl + svd", "memsfl, rank 2", "centralized")
+METHODS = ("hsplitlora", "hsplitlora + zeropad", "memsfl + zeropad", "memsfl + svd", "memsfl, rank 2", "centralized")
 BASELINE = "memsfl, rank 2"
 
 
@@ -53,8 +54,8 @@ def config(method: str, seed: int, rounds: int, cuts: list[int]) -> RunConfig:
                   "keep_checkpoints": 1},
         "devices": {"count": len(BUDGETS_MB), "ranks": RANKS},
     }
-    if method == "hsplitlora":
-        tree |= {"protocol": "hsplitlora", "aggregation": {"method": "stack"}}
+    if method.startswith("hsplitlora"):
+        tree |= {"protocol": "hsplitlora", "aggregation": {"method": "zeropad" if "zeropad" in method else "stack"}}
         tree["devices"]["memory_mb"] = BUDGETS_MB
     elif method == "centralized":  # the pooled data, the same tokens per step as five devices
         tree |= {"protocol": "centralized"}
@@ -130,7 +131,7 @@ def main() -> None:
     rows = []
     for method, runs in results.items():
         per_kind = {k: statistics.fmean(r["bytes_by_kind"].get(k, 0.0) for r in runs) for k in kinds}
-        shown_kinds = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in per_kind.items() if v > 0)
+        shown_kinds = ", ".join(f"{k} {v / 2**20:.3g}" for k, v in per_kind.items() if v > 0)
         rows.append([method, spread([r["ppl"][-1] for r in runs]), spread(to_target[method]),
                      f"{reached[method]}/{len(runs)}",
                      f"{statistics.fmean(r['bytes_per_round'] for r in runs) / 2**20:.2f}", shown_kinds])

@@ -56,7 +56,8 @@ def save_checkpoint(protocol: Protocol, directory: Path, round_index: int, base_
     tensors: dict[str, torch.Tensor] = {f"global/{k}": v for k, v in protocol.aggregator.global_state.items()}
     tensors.update({f"{MERGES}{k}": v for k, v in protocol.aggregator.merges_for(range(protocol.total_layers), 0).items()})
     meta: dict[str, object] = {"format": FORMAT, "round": round_index, "step_index": protocol.step_index,
-                               "base_loss": base_loss, "merges": protocol.aggregator.version}
+                               "base_loss": base_loss, "merges": protocol.aggregator.version,
+                               "protocol_state": protocol.export_protocol_state()}
     if wall_s is not None:
         meta["wall_s"] = wall_s
     tensors.update({f"{LINK}{k}": v for k, v in protocol.link.export_state().items()})
@@ -130,6 +131,7 @@ def load_checkpoint(protocol: Protocol, directory: Path, name: str | None = None
     protocol.aggregator.merges = merges
     protocol.merged = {}  # every role is sent every merge again; a base that holds them skips them
     protocol.merge_local()
+    protocol.import_protocol_state(meta.get("protocol_state", {}))
     protocol.link.import_state({k[len(LINK):]: v for k, v in tensors.items() if k.startswith(LINK)})
     for worker, role in protocol.workers.items():
         if worker not in meta:

@@ -73,7 +73,8 @@ def host_devices(config: RunConfig, devices: list[int]) -> dict[int, HostedDevic
         servers = frozenset({"server", "aggregator", topology.aggregator, *(s.worker for s in topology.routes[u].stages[1:])})
         bounds = replace(message_bounds(config), adapter=adapter,
                          merge_modules=merge_shapes(model, family, stage.layers, config.lora.targets))
-        hosted[u] = HostedDevice(u, worker, bounds, servers, trace)
+        hosted[u] = HostedDevice(u, worker, bounds, servers, trace, layout=adapter_layout(config, stage),
+                                 dropout=config.lora.dropout)
     return hosted
 
 

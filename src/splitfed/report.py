@@ -129,12 +129,33 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
         ("trainable params device / server", f"{summary['trainable_params_device']:,} / {summary['trainable_params_server']:,}"),
         ("wall time", f"{summary['wall_s']:.0f} s"),
     ]
+    export = summary.get("export")
+    if export:
+        rows.append(("exported adapter", f"rank {export['adapter_rank']}: relative error "
+                                         f"{export['adapter_rel_error']:.3g}, eval loss {export['adapter_eval_loss']:.4f} "
+                                         f"(merged/ {export['merged_eval_loss']:.4f})"))
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
+    if summary.get("hsplitlora"):
+        console.print(_configurations_table(summary["hsplitlora"]))
     warning = _loss_warning(summary)
     if warning:
         console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", soft_wrap=True)
+
+
+def _configurations_table(hsplitlora: dict) -> Table:
+    """Each device's budget, cut, LoRA placement and ranks as HSplitLoRA last chose them."""
+    table = Table(title=f"device configurations (reconfigured {hsplitlora['reconfigurations']} times)")
+    for header in ("device", "budget MB", "estimated MB", "cut", "matrices with LoRA", "ranks (count)"):
+        table.add_column(header)
+    for u, device in enumerate(hsplitlora["devices"]):
+        ranks = list(device["ranks"].values())
+        layers = sorted({int(m.split(".", 1)[0]) for m in device["ranks"]})
+        counts = ", ".join(f"{r}: {ranks.count(r)}" for r in sorted(set(ranks), reverse=True))
+        table.add_row(str(u), f"{device['memory_mb']:g}", f"{device['estimated_mb']:g}", str(device["cut"]),
+                      f"{len(ranks)} in layers {layers[0]}-{layers[-1]}" if layers else "none", counts)
+    return table
 
 
 def _number(value: float) -> str:

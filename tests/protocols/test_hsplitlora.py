@@ -75,3 +75,18 @@ def test_same_seed_gives_the_same_placements_and_numbers(finished, tiny_llama_di
 def test_bad_configurations_are_refused_before_any_weights_load(tiny_llama_dir, corpus_dir, sections, expected):
     with pytest.raises(ConfigError, match=expected):
         plan_run(_config(tiny_llama_dir, corpus_dir, **sections))
+
+
+def test_resume_restores_importance_and_placements(tiny_llama_dir, corpus_dir, tmp_path):
+    """Reconfiguring every round (threshold 0), then training the last round again from the checkpoint
+    before it, gives the uninterrupted run's placements, importance and numbers."""
+    import shutil
+
+    config = _config(tiny_llama_dir, corpus_dir, hsplitlora={"reconfigure_threshold": 0.0},
+                     train={"rounds": 3, "local_steps": 2, "keep_checkpoints": 0})
+    whole = run(config, tmp_path / "whole", progress=False)
+    assert whole["hsplitlora"]["reconfigurations"] >= 2  # the restored state includes changed placements
+    shutil.copytree(tmp_path / "whole", tmp_path / "again")
+    resumed = run(config, tmp_path / "again", progress=False, resume_from="round-0001")
+    assert resumed["hsplitlora"] == whole["hsplitlora"]
+    assert resumed["final_eval_loss"] == pytest.approx(whole["final_eval_loss"], abs=1e-6)

@@ -75,11 +75,15 @@ def assert_same_adapters(run_a, run_b) -> None:
 
 
 STACK = '[aggregation]\nmethod = "stack"\n'  # merges travel to the device processes, which add them to their bases
+# budgets instead of cuts; importance reports and relayouts (every round: threshold 0) cross the wire too
+HSPLITLORA = ("[]\nmemory_mb = [1.0, 2.0, 4.0, 2.0]\nranks = [2, 4, 8, 4]",
+              STACK + "[hsplitlora]\nreconfigure_threshold = 0.0\n")
 
 
 @pytest.mark.parametrize(("protocol", "cuts", "extra"), [("sfl", "[2]", ""), ("memsfl", "[1, 2, 4]", COMPRESSED),
-                                                         ("memsfl", "[1, 2, 4]\nranks = [2, 4, 8, 4]", STACK)],
-                         ids=["sfl", "memsfl-compressed", "memsfl-stack"])
+                                                         ("memsfl", "[1, 2, 4]\nranks = [2, 4, 8, 4]", STACK),
+                                                         ("hsplitlora", *HSPLITLORA)],
+                         ids=["sfl", "memsfl-compressed", "memsfl-stack", "hsplitlora"])
 def test_grpc_processes_match_in_process_run(tiny_llama_dir, corpus_dir, tmp_path, protocol, cuts, extra):
     config_path = tmp_path / "config.toml"
     write_config(config_path, tiny_llama_dir, corpus_dir, protocol, cuts, free_port(), extra)
@@ -87,6 +91,9 @@ def test_grpc_processes_match_in_process_run(tiny_llama_dir, corpus_dir, tmp_pat
     local = run(load_config(config_path), tmp_path / "inproc", progress=False)
     assert_same_adapters(tmp_path / "grpc", tmp_path / "inproc")
     assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
+    assert remote.get("hsplitlora") == local.get("hsplitlora")  # the same importance, placements, reconfigurations
+    if protocol == "hsplitlora":
+        assert local["hsplitlora"]["reconfigurations"] >= 1  # relayout requests crossed the wire
     for stream in ("activations", "gradients", "adapters"):  # the same encoded messages cross the wire
         assert remote[f"{stream}_bytes"] == local[f"{stream}_bytes"], stream
         assert remote[f"{stream}_rel_error"] == pytest.approx(local[f"{stream}_rel_error"], rel=1e-4), stream

@@ -38,8 +38,10 @@ def valid_message(kind: str, bounds: Bounds, sender: str = "device0", batch: int
                 tensors[name] = torch.randint(spec.value_range[0], spec.value_range[1], shape, dtype=spec.dtype)
     if schema.state_tensors:
         tensors["slot/adapter/a"] = torch.zeros(2, 3)
+    known = bounds.merge_modules or {"fuzz.proj": (bounds.hidden_size, bounds.hidden_size)}
+    if schema.score_tensors:  # a score for the first module the sender holds (or for none it holds)
+        tensors[next(iter(known))] = torch.tensor([0.5], dtype=torch.float64)
     if schema.merge_tensors:  # merge 0 of the first module the receiver holds (or of none it holds), at rank 2
-        known = bounds.merge_modules or {"fuzz.proj": (bounds.hidden_size, bounds.hidden_size)}
         module, (out_features, in_features) = next(iter(known.items()))
         tensors[f"0/{module}.lora_A.weight"] = torch.randn(2, in_features)
         tensors[f"0/{module}.lora_B.weight"] = torch.randn(out_features, 2)

@@ -40,6 +40,10 @@ def _upload(tensors: dict[str, torch.Tensor], **values) -> Message:
     return Message("adapter_upload", "device0", 1, 0, tensors, {"num_samples": 3, **values})
 
 
+def _scores(tensors: dict[str, torch.Tensor]) -> Message:
+    return Message("importance", "device0", 1, 0, tensors)
+
+
 def _merge(tensors: dict[str, torch.Tensor], since: int = 0) -> Message:
     return Message("adapter_merge", "aggregator", 1, 0, tensors, {"since": since, "version": 1})
 
@@ -75,6 +79,12 @@ RANK_64 = {"layers.0.q_proj.lora_A.weight": torch.zeros(64, 16), "layers.0.q_pro
         (_merge({"0/layers.0.q_proj.lora_A.weight": torch.zeros(2, 12)}), r"expected \(R, 16\)"),
         (_merge({"x": torch.zeros(2, 12)}), "is not named '<version>/<module>.lora_A.weight'"),
         (_merge({}, since=2), "since=2 must be below version=1"),
+        (_scores({"layers.0.k_proj": torch.tensor([1.0], dtype=torch.float64)}), r"no score for \['layers.0.q_proj'\]"),
+        (_scores({"layers.0.q_proj": torch.tensor([1.0], dtype=torch.float64),
+                  "layers.0.k_proj": torch.tensor([1.0], dtype=torch.float64)}), "not a weight matrix of the sender"),
+        (_scores({"layers.0.q_proj": torch.tensor([1.0])}), r"must be float64 of shape \(1,\)"),
+        (_scores({"layers.0.q_proj": torch.tensor([-1.0], dtype=torch.float64)}), "must be a finite score >= 0"),
+        (Message("call", "server", 0, 0, values={"op": "relayout", "placement": "[1, 2]"}), "JSON list, not an object"),
     ],
 )
 def test_schema_violations_name_the_field(message, expected):

@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 
 from splitfed.adapters.aggregate import Upload
 from splitfed.adapters.layout import AdapterLayout
-from splitfed.adapters.merge import apply_merges
+from splitfed.adapters.merge import apply_merges, merge_shapes
 from splitfed.adapters.lora import activate, add_adapter, get_adapter_state, layout_config, lora_layers, set_adapter_state
 from splitfed.config import ProtocolOptions, RunConfig
 from splitfed.data.batches import TokenDataset, iterate_batches
@@ -183,7 +183,11 @@ class Protocol(ABC):
             name = route.first.worker
             aggregator_hop = Hop(name, self.topo.aggregator)
             hop = route.hops[0] if route.hops else aggregator_hop
-            handles[name] = remote.handle(route.device, name, hop, aggregator_hop, self.link)
+            handle = remote.handle(route.device, name, hop, aggregator_hop, self.link)
+            # the weight matrices of the device's layers: what its importance reports may name
+            modules = merge_shapes(self.model, self.family, route.first.layers, self.config.lora.targets)
+            handle.bounds = replace(handle.bounds, merge_modules=modules)
+            handles[name] = handle
         return handles
 
     def _local_workers(self, remote: set[str]) -> dict[str, WorkerHandle]:
@@ -376,6 +380,13 @@ class Protocol(ABC):
     def summary(self) -> dict:
         """What this protocol adds to summary.json (e.g. the configurations it chose)."""
         return {}
+
+    def export_protocol_state(self) -> dict:
+        """State of the protocol itself (beyond workers and aggregator) a checkpoint keeps, as JSON."""
+        return {}
+
+    def import_protocol_state(self, meta: dict) -> None:  # noqa: B027 - most protocols keep no state of their own
+        """Restore ``export_protocol_state``'s result; runs before the workers' states are restored."""
 
     # --- what each protocol defines -------------------------------------------------------
     @abstractmethod

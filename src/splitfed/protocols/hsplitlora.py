@@ -31,7 +31,6 @@ from transformers import PretrainedConfig
 
 from splitfed.adapters.importance import ImportanceTracker
 from splitfed.adapters.layout import AdapterLayout, Placement
-from splitfed.adapters.lora import layer_of, layout_config
 from splitfed.config import ConfigError, RunConfig
 from splitfed.models.loading import load_model_config
 from splitfed.system.lora_budget import BudgetError, DeviceLoRA, Matrix, configure_device, ranking_shift
@@ -40,8 +39,7 @@ from splitfed.protocols.memsfl import MemorySplitFed, MemsflOptions, per_device_
 from splitfed.registry import register
 from splitfed.system.costs import LayerCosts, layer_costs
 from splitfed.system.cuts import MB
-from splitfed.topology import Hop, Route, Topology
-from splitfed.wire.messages import Message
+from splitfed.topology import Hop, Route, StagePlacement, Topology
 
 
 class HsplitloraOptions(MemsflOptions):
@@ -93,9 +91,6 @@ class HSplitLoRA(MemorySplitFed):
         if config.aggregation.method == "fedavg":
             raise ValueError("aggregation.method: 'fedavg' needs one rank, but hsplitlora gives devices different "
                              "ranks; allowed: 'stack' (the published scheme), 'zeropad', 'svd'")
-        if config.runtime.kind != "inproc":
-            raise ValueError("protocol 'hsplitlora' runs in one process for now (runtime.kind = 'inproc'): "
-                             "importance reports and reconfigurations do not cross the wire yet")
 
     @classmethod
     def _configurations(cls, config: RunConfig, model_config: PretrainedConfig) -> list[DeviceLoRA]:
@@ -141,60 +136,104 @@ class HSplitLoRA(MemorySplitFed):
     def train_round(self, round_index: int, participants: list[int]) -> None:
         passes = self.config.options.importance_passes
         slots = self._slots_of(participants)
+        active = list(participants)
         if passes:
-            for stage in slots:
-                self.workers[stage.worker].measure_importance(stage.slot, list(self.config.lora.targets), passes)
+            targets = list(self.config.lora.targets)
+            started = [(self.topo.owner(s.key), self.workers[s.worker].measure_importance(s.slot, targets, passes))
+                       for s in slots]
+            for owner, reply in started:
+                self.attempt(owner, round_index, 0, active, reply.result)
         super().train_round(round_index, participants)
         reconfigured = False
         if passes:
-            scores = self._collect_importance(round_index, slots)
+            scores = self._collect_importance(round_index, slots, [u for u in participants if u not in self.dropped])
             importance = self.tracker.update(scores, round_index + 1)
             if not self.chosen_on or ranking_shift(self.chosen_on, importance) > self.config.options.reconfigure_threshold:
-                reconfigured = self._reconfigure(importance)
+                reconfigured = self._reconfigure(importance, round_index)
             self.clock.transfer(self.take_sent())
         self.ctx.log({"kind": "layouts", "round": round_index, "reconfigured": reconfigured,
                       "devices": {str(u): self._described(u) for u in range(self.config.devices.count)}})
 
-    def _collect_importance(self, round_index: int, slots) -> dict[Matrix, float]:
+    def _collect_importance(self, round_index: int, slots: list[StagePlacement], active: list[int]
+                            ) -> dict[Matrix, float]:
         """Every measuring slot's scores, carried to the aggregator; a matrix measured by several
-        slots (server slots of several devices) gets the mean."""
+        slots (server slots of several devices) gets the mean. A device that drops adds none."""
         prefix = self.family.layers_path + "."
+        replies = [(s, self.workers[s.worker].importance(s.slot, round_index)) for s in slots
+                   if not s.first or self.topo.owner(s.key) in active]
         totals: dict[Matrix, list[float]] = {}
-        for stage in slots:
-            if stage.first and self.topo.routes_of(stage.key)[0] in self.dropped:
+        for stage, reply in replies:
+            owner = self.topo.owner(stage.key)
+            message = self.attempt(owner, round_index, 0, active, reply.result)
+            if message is None:
                 continue
-            message: Message = self.workers[stage.worker].importance(stage.slot, round_index).result()
-            message = self.net.carry(Hop(stage.worker, self.topo.aggregator), self.topo.owner(stage.key), "up", message)
+            message = self.net.carry(Hop(stage.worker, self.topo.aggregator), owner, "up", message)
             for path, score in message.tensors.items():
-                matrix = (layer_of(path, self.family), path[len(prefix):].split(".", 1)[1])
-                totals.setdefault(matrix, []).append(float(score))
+                totals.setdefault(_matrix(path, prefix), []).append(float(score))
         return {m: sum(v) / len(v) for m, v in totals.items()}
 
-    def _reconfigure(self, importance: dict[Matrix, float]) -> bool:
+    def _reconfigure(self, importance: dict[Matrix, float], round_index: int) -> bool:
         """Choose every device's placement again on ``importance``; the slots whose layout changed get
         a new adapter (its values come with the next round's download). True if any changed."""
         self.chosen_on = dict(importance)
-        changed = False
-        for u in range(self.config.devices.count):
-            choice = device_configuration(self.config, self.costs, u, self.total_layers, importance)
-            if choice.ranks == self.choices[u].ranks:
-                continue
-            self.choices[u] = choice
-            stage = self.topo.routes[u].first
-            self.workers[stage.worker].relayout(stage.slot, layout_config(self.family, self.layout_of(stage),
-                                                                          self.config.lora.dropout))
-            changed = True
-        self.reconfigurations += changed
-        return changed
+        changed = [u for u in range(self.config.devices.count)
+                   if self._choose(u, device_configuration(self.config, self.costs, u, self.total_layers, importance))]
+        self._relayout(changed, round_index)
+        self.reconfigurations += bool(changed)
+        return bool(changed)
+
+    def _choose(self, device: int, choice: DeviceLoRA) -> bool:
+        """Adopt ``choice`` for ``device``; True if its placement changed."""
+        if choice.ranks == self.choices[device].ranks:
+            return False
+        self.choices[device] = choice
+        return True
+
+    def _relayout(self, devices: list[int], round_index: int) -> None:
+        """Give the first-stage slots of ``devices`` adapters of their current placements."""
+        dropout = self.config.lora.dropout
+        replies = [(u, self.workers[s.worker].relayout(s.slot, self.layout_of(s), dropout))
+                   for u in devices for s in [self.topo.routes[u].first]]
+        for u, reply in replies:
+            self.attempt(u, round_index, 0, [u], reply.result)  # a lost device relayouts when it rejoins (resume)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def export_protocol_state(self) -> dict:
+        return {"importance": _named(self.tracker.importance), "chosen_on": _named(self.chosen_on),
+                "ranks": {str(u): _named(c.ranks) for u, c in self.choices.items()},
+                "reconfigurations": self.reconfigurations}
+
+    def import_protocol_state(self, meta: dict) -> None:
+        """Restore importance and placements, and give every device slot its adapter of that placement
+        (before the workers' adapters are restored into them)."""
+        self.tracker.importance = _unnamed(meta["importance"])
+        self.chosen_on = _unnamed(meta["chosen_on"])
+        self.reconfigurations = int(meta["reconfigurations"])
+        for u, ranks in meta["ranks"].items():
+            choice = self.choices[int(u)]
+            self.choices[int(u)] = DeviceLoRA(choice.cut, _unnamed(ranks), choice.memory_bytes)
+        self._relayout(list(range(self.config.devices.count)), 0)
 
     def _described(self, device: int) -> dict:
         choice = self.choices[device]
         return {"cut": choice.cut, "memory_mb": self.config.device_memory_mb(device),
-                "estimated_mb": round(choice.memory_bytes / MB, 1),
-                "ranks": {f"{layer}.{path}": rank for (layer, path), rank in sorted(choice.ranks.items())}}
+                "estimated_mb": round(choice.memory_bytes / MB, 1), "ranks": _named(choice.ranks)}
 
     def summary(self) -> dict:
         return {"hsplitlora": {"devices": [self._described(u) for u in range(self.config.devices.count)],
                                "reconfigurations": self.reconfigurations,
-                               "importance": {f"{layer}.{path}": score
-                                              for (layer, path), score in sorted(self.tracker.importance.items())}}}
+                               "importance": _named(self.tracker.importance)}}
+
+
+def _matrix(path: str, prefix: str) -> Matrix:
+    """(layer, module path in the layer) of a full module path such as ``model.layers.3.self_attn.q_proj``."""
+    layer, _, inner = path[len(prefix):].partition(".")
+    return int(layer), inner
+
+
+def _named(values: dict[Matrix, float]) -> dict[str, float]:
+    return {f"{layer}.{path}": value for (layer, path), value in sorted(values.items())}
+
+
+def _unnamed(values: dict[str, float]) -> dict[Matrix, float]:
+    return {(int(k.partition(".")[0]), k.partition(".")[2]): v for k, v in values.items()}

@@ -25,14 +25,14 @@ import torch
 
 from contextlib import AbstractContextManager, nullcontext
 
-from peft import LoraConfig
-
 from splitfed.adapters.importance import ScoreMeter
+from splitfed.adapters.layout import AdapterLayout
 from splitfed.adapters.lora import (
     activate,
     add_adapter,
     adapter_parameters,
     get_adapter_state,
+    layout_config,
     lora_layers,
     remove_adapter,
     set_adapter_state,
@@ -123,13 +123,13 @@ class StageWorker:
         layers = [m for owned in stage.owned_modules() for m in lora_layers(owned)]
         return params, make_optimizer(params, self.train), layers, module_tensors(stage.owned_modules())
 
-    def relayout(self, slot_name: str | None, config: LoraConfig) -> None:
+    def relayout(self, slot_name: str | None, layout: AdapterLayout, dropout: float = 0.0) -> None:
         """Replace the slot's adapter by one of another layout (placement, ranks), with a fresh optimizer;
         its values come with the next download."""
         slot = self.slot(slot_name)
         slot.discard_pending()
         remove_adapter(slot.stage.model, slot.adapter)
-        add_adapter(slot.stage.model, slot.adapter, config)
+        add_adapter(slot.stage.model, slot.adapter, layout_config(slot.stage.family, layout, dropout))
         slot.params, slot.optimizer, slot.lora_layers, slot.held_tensors = self._adapter_parts(slot.stage, slot.adapter)
 
     def slot(self, name: str | None) -> Slot:
@@ -297,11 +297,14 @@ class StageWorker:
         set_adapter_state(slot.stage.model, slot.adapter, message.tensors)
 
     def merge(self, slot_name: str | None, message: Message) -> None:
-        """Add the merges the message brings (``adapters.merge``) to the base weights of the slot's layers."""
+        """Add the merges the message brings (``adapters.merge``) to the base weights of the slot's layers.
+        The slot's adapter restarts with the download that follows, so its optimizer restarts now: moments
+        of the old factors mean nothing for the new ones."""
         slot = self.slot(slot_name)
         spec = slot.stage.spec
         apply_merges(slot.stage.model, message.tensors, slot.stage.family, range(spec.start, spec.end),
                      int(message.values["since"]), int(message.values["version"]))
+        slot.optimizer = make_optimizer(slot.params, self.train)
 
     # --- checkpoints --------------------------------------------------------------------
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from splitfed.adapters.layout import AdapterLayout
+from splitfed.adapters.lora import get_adapter_state
 from splitfed.roles.worker import StageWorker
 from splitfed.runtime.refusals import Tally
 from splitfed.wire.compression import MessageCodec
@@ -45,6 +47,9 @@ class HostedDevice:
     """Where to append one JSON line per request served (``runtime.trace_dir``), or None."""
     refused: Tally = field(default_factory=lambda: Tally("server request"), compare=False)
     """Requests answered with an error so far."""
+    layout: AdapterLayout | None = None
+    """The device's adapter layout (its targets; a placement the server may change with ``relayout``)."""
+    dropout: float = 0.0
 
     @property
     def name(self) -> str:
@@ -92,6 +97,18 @@ def handle(device: HostedDevice, message: Message, codec: MessageCodec) -> Messa
     if op == "merge":
         worker.merge(None, message)
         return Message("ack", name, r, s)
+    if op == "measure_importance":
+        worker.measure_importance(None, list(device.layout.targets), int(message.values.get("passes", 1)))
+        return Message("ack", name, r, s)
+    if op == "importance":
+        return worker.importance(None, r)
+    if op == "relayout":
+        layout = requested_layout(device, str(message.values.get("placement", "{}")))
+        worker.relayout(None, layout, device.dropout)
+        device.layout = layout
+        device.bounds = replace(device.bounds, adapter={k: tuple(v.shape) for k, v in
+                                                        get_adapter_state(worker.slot(None).stage.model, name).items()})
+        return Message("ack", name, r, s)
     if op == "export_state":
         tensors, meta = worker.export_state()
         tensors.update({CODEC_STATE + k: v for k, v in codec.export_state(device.id).items()})
@@ -105,6 +122,24 @@ def handle(device: HostedDevice, message: Message, codec: MessageCodec) -> Messa
         return Message("ack", name, r, s, values={"peak_bytes": worker.peak_bytes(),
                                                   "trainable_params": worker.trainable_params})
     raise MessageError(f"unknown request {op!r}")
+
+
+def requested_layout(device: HostedDevice, placement: str) -> AdapterLayout:
+    """The layout a ``relayout`` request asks for: ``{"<layer>.<module path>": rank}``, every matrix one of
+    this device's target modules, every rank an integer in 1 .. the largest rank allowed; else MessageError."""
+    ranks = json.loads(placement)  # a JSON object: the schema checked it
+    known, prefix = device.bounds.merge_modules or {}, device.worker.slot(None).stage.family.layers_path + "."
+    chosen = []
+    for matrix, rank in ranks.items():
+        layer, _, path = matrix.partition(".")
+        if not layer.isdigit() or f"{prefix}{layer}.{path}" not in known:
+            raise MessageError(f"relayout: {shown(matrix)} is not a target module of this device's layers")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= device.bounds.max_merge_rank:
+            raise MessageError(f"relayout: rank {shown(rank)} of {shown(matrix)}; allowed: 1..{device.bounds.max_merge_rank}")
+        chosen.append((int(layer), path, rank))
+    if not chosen:
+        raise MessageError("relayout: the placement names no matrix")
+    return replace(device.layout, placement=tuple(sorted(chosen)), rank=max(r for *_, r in chosen))
 
 
 def is_stop(message: Message) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from peft import LoraConfig
+
+from splitfed.adapters.layout import AdapterLayout
 
 from splitfed.roles.worker import Arrivals, StageWorker
 from splitfed.runtime.futures import Reply, run_now
@@ -32,9 +33,9 @@ class WorkerHandle(Protocol):
     def upload(self, slot: str, round_index: int) -> Reply[Message]: ...
     def download(self, slot: str, message: Message) -> Reply[None]: ...
     def merge(self, slot: str, message: Message) -> Reply[None]: ...
-    def measure_importance(self, slot: str, targets: list[str], passes: int) -> None: ...
+    def measure_importance(self, slot: str, targets: list[str], passes: int) -> Reply[None]: ...
     def importance(self, slot: str, round_index: int) -> Reply[Message]: ...
-    def relayout(self, slot: str, config: LoraConfig) -> None: ...
+    def relayout(self, slot: str, layout: AdapterLayout, dropout: float) -> Reply[None]: ...
     def forward_group(self, groups: dict[str, Arrivals]) -> Reply[dict[int, Message]]: ...
     def backward_group(self, groups: dict[str, Arrivals]) -> Reply[dict[int, Message]]: ...
     def sq_norm(self, slot: str) -> float: ...
@@ -74,14 +75,14 @@ class LocalWorker:
     def merge(self, slot: str, message: Message) -> Reply[None]:
         return run_now(lambda: self.worker.merge(slot, message))
 
-    def measure_importance(self, slot: str, targets: list[str], passes: int) -> None:
-        self.worker.measure_importance(slot, targets, passes)
+    def measure_importance(self, slot: str, targets: list[str], passes: int) -> Reply[None]:
+        return run_now(lambda: self.worker.measure_importance(slot, targets, passes))
 
     def importance(self, slot: str, round_index: int) -> Reply[Message]:
         return run_now(lambda: self.worker.importance(slot, round_index))
 
-    def relayout(self, slot: str, config: LoraConfig) -> None:
-        self.worker.relayout(slot, config)
+    def relayout(self, slot: str, layout: AdapterLayout, dropout: float) -> Reply[None]:
+        return run_now(lambda: self.worker.relayout(slot, layout, dropout))
 
     def forward_group(self, groups: dict[str, Arrivals]) -> Reply[dict[int, Message]]:
         return run_now(lambda: self.worker.forward_group(groups))

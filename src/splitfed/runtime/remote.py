@@ -20,6 +20,7 @@ from typing import NoReturn, Protocol
 
 import torch
 
+from splitfed.adapters.layout import AdapterLayout
 from splitfed.runtime.futures import Reply, run_later
 from splitfed.runtime.inproc import InProcessLink
 from splitfed.topology import Hop
@@ -131,7 +132,7 @@ class RemoteWorker:
         """Check a message of this device against its kind's schema (MessageError if it fails)."""
         check(self.link.codec.unpack(self.id, message), self.bounds)
 
-    def _call(self, op: str, round_index: int = 0, step: int = 0, **values: float) -> Message:
+    def _call(self, op: str, round_index: int = 0, step: int = 0, **values: float | str) -> Message:
         return Message("call", "server", round_index, step, values={"op": op, **values})
 
     # --- the worker handle interface ------------------------------------------------------------
@@ -166,6 +167,19 @@ class RemoteWorker:
 
     def merge(self, slot: str, message: Message) -> Reply[None]:
         return _acknowledged(self._request(message, "ack", adapter=True))
+
+    def measure_importance(self, slot: str, targets: list[str], passes: int) -> Reply[None]:
+        """The device measures the targets it holds (its config names them) over its next ``passes`` forward passes."""
+        return _acknowledged(self._request(self._call("measure_importance", passes=passes), "ack"))
+
+    def importance(self, slot: str, round_index: int) -> Reply[Message]:
+        return self._request(self._call("importance", round_index), "importance", adapter=True)
+
+    def relayout(self, slot: str, layout: AdapterLayout, dropout: float) -> Reply[None]:
+        """The device rebuilds its adapter with ``layout``'s placement; the next download fixes its new shapes."""
+        placement = json.dumps({f"{layer}.{path}": rank for layer, path, rank in layout.placement})
+        self.bounds = replace(self.bounds, adapter=None)
+        return _acknowledged(self._request(self._call("relayout", placement=placement), "ack"))
 
     def forward_group(self, groups):  # noqa: ANN001 - devices run first stages only
         raise NotImplementedError(f"{self.name}: a remote device runs a first stage only")

@@ -34,7 +34,8 @@ BATCH = "batch"
 MAX_STATE_TENSORS = 100_000
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
                 torch.bool)
-OPS = ("forward", "local_step", "upload", "export_state", "report", "stop")
+OPS = ("forward", "local_step", "upload", "export_state", "report", "stop", "measure_importance", "importance",
+       "relayout")
 """Operations a ``call`` may ask of a device."""
 MAX_REASON_CHARS = 2000
 
@@ -88,6 +89,9 @@ class Schema:
     """The tensors a message of this kind carries; None: no tensors."""
     state_tensors: bool = False
     """Any number of named state tensors (``role_state``) instead of fixed ones."""
+    score_tensors: bool = False
+    """One non-negative float64 of shape (1,) per weight matrix of ``Bounds.merge_modules`` (the
+    sender's target modules), named by its path (``importance``)."""
     merge_tensors: bool = False
     """Merge factors ``"<k>/<module>.lora_A.weight"`` / ``lora_B`` (``adapter_merge``), checked against
     ``Bounds.merge_modules`` and the message's ``since`` .. ``version``."""
@@ -135,9 +139,11 @@ SCHEMAS: dict[str, Schema] = {
     # aggregator -> every role holding the layers: the merges since its last, to add to its base weights
     "adapter_merge": Schema(merge_tensors=True, required={"since": COUNT, "version": ValueSpec(int, low=1, high=MAX_INDEX)}),
     # a stage -> the aggregator: importance of each weight matrix it measured (HSplitLoRA), one float64 per path
-    "importance": Schema(state_tensors=True),
+    "importance": Schema(score_tensors=True),
     # server -> device process: run an operation that carries no data of its own
-    "call": Schema(required={"op": ValueSpec(str, choices=OPS)}, optional={"lr": NON_NEGATIVE}),
+    "call": Schema(required={"op": ValueSpec(str, choices=OPS)},
+                   optional={"lr": NON_NEGATIVE, "passes": COUNT,
+                             "placement": ValueSpec(str, max_chars=MAX_HEADER_BYTES, json_object=True)}),
     # device process -> server: an operation finished (values may carry its result)
     "ack": Schema(optional={"loss": NON_NEGATIVE, "tokens": COUNT, "peak_bytes": ValueSpec(int, high=2**62),
                             "trainable_params": COUNT}),
@@ -159,6 +165,9 @@ def check(message: Message, bounds: Bounds) -> Message:
         return message
     if schema.merge_tensors:
         _check_merge_tensors(where, message, bounds)
+        return message
+    if schema.score_tensors:
+        _check_score_tensors(where, message.tensors, bounds)
         return message
     specs = schema.tensors(bounds) if schema.tensors else {}
     if message.tensors.keys() != specs.keys():
@@ -294,3 +303,19 @@ def _check_merge_tensors(where: str, message: Message, bounds: Bounds) -> None:
     for (k, module), factors in ranks.items():
         if len(set(factors.values())) != 1 or len(factors) != 2:
             raise MessageError(f"{where}: merge {k} of {shown(module)} needs lora_A and lora_B of one rank; got {factors}")
+
+
+def _check_score_tensors(where: str, tensors: Mapping[str, torch.Tensor], bounds: Bounds) -> None:
+    known = bounds.merge_modules or {}
+    missing = sorted(known.keys() - tensors.keys())
+    if missing:
+        raise MessageError(f"{where}: no score for {shown(missing[:3])} ({len(missing)} weight matrices of the sender's "
+                           "layers unscored)")
+    for name, tensor in tensors.items():
+        if name not in known:
+            raise MessageError(f"{where}: tensor {shown(name)} is not a weight matrix of the sender's layers")
+        if tensor.dtype != torch.float64 or tuple(tensor.shape) != (1,):
+            raise MessageError(f"{where}: tensor {shown(name)} must be float64 of shape (1,); got {tensor.dtype} "
+                               f"{tuple(tensor.shape)}")
+        if not bool(torch.isfinite(tensor).all()) or float(tensor[0]) < 0:
+            raise MessageError(f"{where}: tensor {shown(name)} must be a finite score >= 0")
