@@ -128,6 +128,10 @@ class DevicesSection(_Section):
     """Memory budget per device in MB, cycled; when given without cuts, each cut is the deepest that fits."""
     ranks: list[int] = []
     """LoRA rank per device, cycled; empty means lora.rank for all."""
+    tflops: list[float] = []
+    """Compute budget per device in TFLOP/s (sustained training throughput), cycled: the device's speed in the
+    system model (in place of its class's drawn speed) and, with ``hsplitlora.max_device_step_s``, a bound on
+    its cut. Empty: from ``system.device_classes``."""
 
     @field_validator("cuts", "ranks")
     @classmethod
@@ -137,12 +141,12 @@ class DevicesSection(_Section):
             raise ValueError(f"devices.{info.field_name} must be >= 1; got {bad}")
         return value
 
-    @field_validator("memory_mb")
+    @field_validator("memory_mb", "tflops")
     @classmethod
-    def _memory_positive(cls, value: list[float]) -> list[float]:
-        bad = [m for m in value if m <= 0]
+    def _budget_positive(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        bad = [m for m in value if not m > 0]
         if bad:
-            raise ValueError(f"devices.memory_mb must be > 0; got {bad}")
+            raise ValueError(f"devices.{info.field_name} must be > 0; got {bad}")
         return value
 
 
@@ -401,6 +405,10 @@ class RunConfig(_Section):
     def device_memory_mb(self, device: int) -> float | None:
         budgets = self.devices.memory_mb
         return budgets[device % len(budgets)] if budgets else None
+
+    def device_tflops(self, device: int) -> float | None:
+        rates = self.devices.tflops
+        return rates[device % len(rates)] if rates else None
 
     @property
     def participants_per_round(self) -> int:

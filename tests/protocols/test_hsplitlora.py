@@ -90,3 +90,36 @@ def test_resume_restores_importance_and_placements(tiny_llama_dir, corpus_dir, t
     resumed = run(config, tmp_path / "again", progress=False, resume_from="round-0001")
     assert resumed["hsplitlora"] == whole["hsplitlora"]
     assert resumed["final_eval_loss"] == pytest.approx(whole["final_eval_loss"], abs=1e-6)
+
+
+def test_a_compute_budget_bounds_the_cut_and_sets_the_device_speed(tiny_llama_dir, corpus_dir):
+    from splitfed.models.loading import load_model_config
+    from splitfed.registry import protocol_class
+    from splitfed.system.clock import Clock
+
+    memory_only = plan_run(_config(tiny_llama_dir, corpus_dir)).cuts
+    rates = [2e-5, 1e-3, 1.0]  # TFLOP/s: the slowest device runs one layer within the time limit (0.33 s), not two
+    config = _config(tiny_llama_dir, corpus_dir, hsplitlora={"max_device_step_s": 0.5},
+                     devices={"count": 3, "cuts": [], "memory_mb": BUDGETS_MB, "tflops": rates})
+    cuts = plan_run(config).cuts
+    assert cuts[0] < memory_only[0] and cuts[1:] == memory_only[1:]
+    model_config = load_model_config(str(tiny_llama_dir))
+    clock = Clock(config, model_config, protocol_class("hsplitlora").topology(config, cuts, model_config.num_hidden_layers))
+    assert [d.flops for d in clock.devices] == [r * 1e12 for r in rates]
+    for u in range(3):  # the system model's own prediction of each device's step stays within the limit
+        assert clock.device_flops(u).total / clock.devices[u].flops <= 0.5
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"hsplitlora": {"max_device_step_s": 1.0}}, "hsplitlora.max_device_step_s bounds .* set devices.tflops"),
+        ({"hsplitlora": {"max_device_step_s": 1e-9},
+          "devices": {"count": 3, "cuts": [], "memory_mb": BUDGETS_MB, "tflops": [1.0]}},
+         r"devices.tflops: device 0 at 1 TFLOP/s needs .* s for one layer's local step"),
+        ({"devices": {"count": 3, "cuts": [], "memory_mb": BUDGETS_MB, "tflops": [0.0]}}, "devices.tflops must be > 0"),
+    ],
+)
+def test_bad_compute_budgets_are_refused(tiny_llama_dir, corpus_dir, sections, expected):
+    with pytest.raises(ConfigError, match=expected):
+        plan_run(_config(tiny_llama_dir, corpus_dir, **sections))

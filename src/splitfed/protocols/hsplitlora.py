@@ -37,7 +37,7 @@ from splitfed.system.lora_budget import BudgetError, DeviceLoRA, Matrix, configu
 from splitfed.protocols.base import Context
 from splitfed.protocols.memsfl import MemorySplitFed, MemsflOptions, per_device_server_routes
 from splitfed.registry import register
-from splitfed.system.costs import LayerCosts, layer_costs
+from splitfed.system.costs import LayerCosts, layer_costs, stage_flops
 from splitfed.system.cuts import MB
 from splitfed.topology import Hop, Route, StagePlacement, Topology
 
@@ -51,6 +51,9 @@ class HsplitloraOptions(MemsflOptions):
     importance_passes: int = Field(1, ge=0)
     """Forward passes per slot and round whose matrices' importance is measured; 0: no measurement
     (placements stay in layer order)."""
+    max_device_step_s: float | None = Field(None, gt=0)
+    """A device's cut is at most the deepest whose forward and backward of one local step, at its compute
+    budget (``devices.tflops``), take no longer than this (the cost model's FLOPs); None: memory alone decides."""
 
     @field_validator("ranks")
     @classmethod
@@ -60,13 +63,34 @@ class HsplitloraOptions(MemsflOptions):
         return sorted(set(value))
 
 
+def compute_cut_limit(config: RunConfig, costs: LayerCosts, device: int, total_layers: int) -> int:
+    """The deepest cut whose local step fits ``max_device_step_s`` at the device's compute budget
+    (``total_layers - 1`` without a time limit); ConfigError if not even one layer does."""
+    limit_s = config.options.max_device_step_s
+    if limit_s is None:
+        return total_layers - 1
+    rate = config.device_tflops(device) * 1e12
+    train, rank = config.train, max(config.options.ranks)
+
+    def step_s(cut: int) -> float:
+        return stage_flops(costs, cut, train.batch_size, train.seq_len, rank, True, False).total / rate
+
+    fitting = [cut for cut in range(1, total_layers) if step_s(cut) <= limit_s]
+    if not fitting:
+        raise ConfigError(f"devices.tflops: device {device} at {config.device_tflops(device):g} TFLOP/s needs "
+                          f"{step_s(1):.3g} s for one layer's local step; hsplitlora.max_device_step_s is {limit_s:g}")
+    return max(fitting)
+
+
 def device_configuration(config: RunConfig, costs: LayerCosts, device: int, total_layers: int,
                          importance: dict[Matrix, float] | None = None) -> DeviceLoRA:
-    """Device ``device``'s cut, placement and ranks under its budget (ConfigError if one layer does not fit)."""
+    """Device ``device``'s cut, placement and ranks under its memory (and compute) budget; ConfigError
+    if one layer does not fit."""
     train = config.train
     try:
         return configure_device(costs, importance or {}, config.device_memory_mb(device) * MB,
-                                max_cut=total_layers - 1, batch=train.batch_size, seq=train.seq_len,
+                                max_cut=compute_cut_limit(config, costs, device, total_layers),
+                                batch=train.batch_size, seq=train.seq_len,
                                 ranks=tuple(config.options.ranks), device=f"devices.memory_mb: device {device}")
     except BudgetError as error:
         raise ConfigError(str(error)) from None
@@ -88,6 +112,9 @@ class HSplitLoRA(MemorySplitFed):
         if config.devices.cuts:
             raise ValueError("protocol 'hsplitlora' chooses each device's cut from devices.memory_mb; "
                              "remove devices.cuts")
+        if config.options.max_device_step_s is not None and not config.devices.tflops:
+            raise ValueError("hsplitlora.max_device_step_s bounds each device's step time at its compute budget: "
+                             "set devices.tflops")
         if config.aggregation.method == "fedavg":
             raise ValueError("aggregation.method: 'fedavg' needs one rank, but hsplitlora gives devices different "
                              "ranks; allowed: 'stack' (the published scheme), 'zeropad', 'svd'")

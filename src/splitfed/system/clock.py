@@ -24,7 +24,7 @@ round is adapter download + local steps + adapter upload. Fading is drawn once p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from transformers import PretrainedConfig
@@ -60,6 +60,8 @@ class Clock:
         self.routes = topology.routes
         self._device_of = {route.first.worker: route.device for route in self.routes}
         self.devices: list[DeviceProfile] = population(config.devices.count, self.seed, system.device_classes)
+        if config.devices.tflops:  # the config's compute budgets replace the drawn speeds
+            self.devices = [replace(d, flops=config.device_tflops(u) * 1e12) for u, d in enumerate(self.devices)]
         self.server = server_profile(system.server)
         self.backhaul_bps = system.backhaul_gbps * 1e9
         subchannels = system.subchannels or max(16, config.participants_per_round)
