@@ -25,6 +25,7 @@ runner = CliRunner()
 PROTOCOLS = {
     "sfl": {"devices": {"count": 4, "cuts": [2]}},
     "memsfl": {"devices": {"count": 4, "cuts": [1, 2, 4]}},
+    "hsplitlora": {"devices": {"count": 3, "cuts": [], "memory_mb": [1.0, 2.0, 4.0]}, "aggregation": {"method": "stack"}},
     "centralized": {"devices": {"count": 4, "cuts": [2]}},
 }
 
@@ -47,7 +48,7 @@ def _summary(run_dir):
 
 
 def test_eval_reproduces_the_reported_eval_loss(runs):
-    for protocol in ("sfl", "memsfl"):
+    for protocol in ("sfl", "memsfl", "hsplitlora"):  # hsplitlora: from merged/
         result = runner.invoke(app, ["eval", str(runs[protocol]), "--write"])
         assert result.exit_code == 0, result.output
         assert "ppl" in result.output
@@ -132,7 +133,7 @@ def test_compare_writes_table_and_plots(runs, tmp_path):
     assert result.exit_code == 0, result.output
     markdown = (out / "compare.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| |"))
-    assert header == "| | sfl | memsfl | centralized |"
+    assert header == "| | " + " | ".join(PROTOCOLS) + " |"
     for row in ("protocol", "cuts", "LoRA ranks", "final perplexity", "bytes up (MB)", "bytes down (MB)",
                 "peak memory device (MB)", "peak memory server (MB)", "trainable params device",
                 "simulated time (s)", "wall time (s)"):

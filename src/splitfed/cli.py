@@ -145,7 +145,7 @@ def plan(
             raise ConfigError(str(error)) from None
         path = out or Path(f"{config.stem}.{planner}.plan.json")
         result.save(path)
-    wide = Console() if Console().is_terminal else Console(width=200)  # a pipe or file gets whole rows
+    wide = _wide_console()
     _print_plan(result, wide)
     wide.print(rich.markup.escape(f"plan written to {path}; run it with `splitfed run {config} --plan {path}`"))
 
@@ -266,6 +266,11 @@ def generate(
     print(text)
 
 
+def _wide_console() -> Console:
+    """A terminal's own width; a pipe or a file gets whole rows of wide tables."""
+    return Console() if Console().is_terminal else Console(width=200)
+
+
 @app.command()
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
@@ -275,7 +280,7 @@ def compare(
     from splitfed.compare import compare_runs
 
     with user_errors():
-        compare_runs(run_dirs, out, Console())
+        compare_runs(run_dirs, out, _wide_console())
 
 
 @app.command("data")
@@ -294,7 +299,7 @@ def data_(
     with user_errors():
         cfg = load_config(config, set_ or [])
         report = build_data(plan_run(cfg), load_tokenizer(cfg.model.source)).report
-    out = Console() if Console().is_terminal else Console(width=200)  # a pipe or file gets whole rows
+    out = _wide_console()
     d = cfg.data
     table = Table(title=f"data: {d.source} (seq_len {cfg.train.seq_len}, partition {d.partition}, "
                         f"template {d.template}, truncation {d.truncation})")

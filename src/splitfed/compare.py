@@ -54,10 +54,13 @@ def _names(run_dirs: list[Path]) -> list[str]:
     return names
 
 
-def _ranks(config: dict) -> str:
+def _ranks(config: dict, summary: dict) -> str:
     devices = config.get("devices", {})
-    ranks = devices.get("ranks") or [config.get("lora", {}).get("rank", "-")]
-    return ", ".join(map(str, ranks))
+    ranks = ", ".join(map(str, devices.get("ranks") or [config.get("lora", {}).get("rank", "-")]))
+    chosen = sorted({r for d in (summary.get("hsplitlora") or {}).get("devices", []) for r in d["ranks"].values()})
+    if chosen:  # hsplitlora: ranks per matrix on the devices, devices.ranks on the server side
+        return f"devices {chosen[0]}-{chosen[-1]} per matrix; server {ranks}"
+    return ranks
 
 
 def _tiers(summaries: list[dict], prefix: str, suffix: str) -> list[str]:
@@ -88,7 +91,7 @@ def table_rows(runs: list[RunView]) -> list[tuple[str, list[str]]]:
         ("model", [Path(str(s.get("model", "-"))).name for s in summaries]),
         ("devices / rounds", [f"{s.get('devices', '-')} / {s.get('rounds', '-')}" for s in summaries]),
         ("cuts", [", ".join(map(str, s.get("cuts", []))) or "-" for s in summaries]),
-        ("LoRA ranks", [_ranks(r.config) for r in runs]),
+        ("LoRA ranks", [_ranks(r.config, s) for r, s in zip(runs, summaries)]),
         ("base perplexity", [_fmt(s.get("base_eval_ppl"), "{:.2f}") for s in summaries]),
         ("final perplexity", [_fmt(s.get("final_eval_ppl"), "{:.2f}") for s in summaries]),
     ]

@@ -1,7 +1,9 @@
 """Evaluate and generate from a finished run, loading its exported artefacts as a user would.
 
 The run directory's ``config.json`` names the base model (``model.source``); the adapter in
-``RUN_DIR/adapter`` is PEFT's format and is loaded with ``PeftModel.from_pretrained``. Nothing here
+``RUN_DIR/adapter`` is PEFT's format and is loaded with ``PeftModel.from_pretrained``. A run that
+merged its aggregates into the base (``aggregation.method = "stack"``) is evaluated from its
+``RUN_DIR/merged`` model directory instead (its adapter is a low-rank approximation of it). Nothing here
 uses the protocol's roles: what is measured is what was exported.
 """
 
@@ -18,8 +20,8 @@ import torch
 from splitfed.config import ConfigError, RunConfig, parse_config
 from splitfed.data.batches import IGNORE_INDEX, TokenDataset, tokenize_document
 from splitfed.data.sources import load_documents
-from splitfed.models.loading import load_tokenizer
-from splitfed.export import heldout_loss, load_exported_adapter
+from splitfed.export import MERGED_DIR, heldout_loss, load_exported_adapter
+from splitfed.models.loading import load_model, load_tokenizer
 from splitfed.run import build_data, plan_run
 
 MAX_PPL_LOSS = 50.0  # like run.py: perplexity of a diverged loss is capped, not inf
@@ -38,6 +40,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
 def load_run_model(run_dir: Path, config: RunConfig | None = None):
     """(model, tokenizer): the base model of ``config.model.source`` with the run's exported adapter."""
     config = config or load_run_config(run_dir)
+    merged = run_dir / MERGED_DIR
+    if (merged / "config.json").is_file():  # a stack run: the merged model is the trained one, exactly
+        return load_model(str(merged)).eval(), load_tokenizer(config.model.source)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no exported adapter (the run has not finished)")

@@ -19,9 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from splitfed.checkpoint import checkpoint_wall_s, load_checkpoint, resolve_checkpoint, save_checkpoint
 from splitfed.config import ConfigError, RunConfig
-from splitfed.export import export_run
 from splitfed.data.partition import FederatedData, build_federated_data
 from splitfed.data.sources import Document, load_documents
+from splitfed.export import export_run
 from splitfed.models.loading import load_model, load_model_config, load_tokenizer, prepare_model
 from splitfed.protocols.base import Context, Protocol, RoundFailed
 from splitfed.registry import protocol_class

@@ -19,11 +19,10 @@ device's update is that of its own mean loss (it does not shrink with the group'
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-
-from contextlib import AbstractContextManager, nullcontext
 
 from splitfed.adapters.importance import ScoreMeter
 from splitfed.adapters.layout import AdapterLayout
