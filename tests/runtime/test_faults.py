@@ -50,11 +50,14 @@ def _serve_in_thread(config_path, out, overrides=()):
     return thread, result
 
 
-def test_killed_device_is_dropped_and_rejoins_after_restart(tiny_llama_dir, corpus_dir, tmp_path):
+@pytest.mark.parametrize("stack", [False, True], ids=["fedavg", "stack"])
+def test_killed_device_is_dropped_and_rejoins_after_restart(tiny_llama_dir, corpus_dir, tmp_path, stack):
     """quorum = 1: the round the device dies in is retried once the restarted device is back,
-    so the test does not depend on how fast a process starts on a busy machine."""
+    so the test does not depend on how fast a process starts on a busy machine. With ``stack``
+    the restarted process has a fresh base: it is sent every merge so far."""
     config_path = tmp_path / "config.toml"
-    write_config(config_path, tiny_llama_dir, corpus_dir, "memsfl", "[1, 2, 4]", free_port())
+    cuts, extra = ("[1, 2, 4]\nranks = [2, 4, 8, 4]", '[aggregation]\nmethod = "stack"\n') if stack else ("[1, 2, 4]", "")
+    write_config(config_path, tiny_llama_dir, corpus_dir, "memsfl", cuts, free_port(), extra)
     devices = start_devices(config_path, DEVICES)
     metrics = tmp_path / "run" / "metrics.jsonl"
     overrides = ["train.rounds=4", "train.local_steps=3", "runtime.quorum=1.0", "runtime.request_timeout_s=20"]

@@ -291,7 +291,8 @@ class Protocol(ABC):
         version = self.aggregator.version
         for stage in self._slots_of(participants):
             hop, owner = Hop(self.topo.aggregator, stage.worker), self.topo.owner(stage.key)
-            since = self.merged.get(stage.key, 0)
+            # a device that dropped may come back as a fresh process: send it every merge (a base that holds them skips them)
+            since = 0 if self.topo.owner(stage.key) in self.dropped else self.merged.get(stage.key, 0)
             if since < version:
                 merges = self.aggregator.merges_for(stage.layers, since)
                 message = Message("adapter_merge", "aggregator", round_index, 0, merges,
