@@ -115,14 +115,22 @@ def test_svd_truncation_is_the_best_approximation_at_each_rank():
         torch.testing.assert_close(error, singular[rank:].square().sum().sqrt())  # Eckart-Young
 
 
-def test_svd_combines_a_layer_over_its_holders_only():
-    from splitfed.adapters.aggregate import SVD, combine_states
+@pytest.mark.parametrize("method", ["svd", "stack"])
+def test_product_strategies_combine_a_layer_over_its_holders_only(method):
+    """Module n is held by one participant of three: its combined product is that participant's alone;
+    stack gives module m the weighted mean of its two holders' products exactly (svd's rank 4 cannot hold it)."""
+    from splitfed.adapters.aggregate import STRATEGIES, combine_states
 
     shallow = _module(2, seed=5)
-    deep = {**_module(2, seed=6), **{k.replace("m.", "n."): v for k, v in _module(2, seed=7).items()}}
-    combined = combine_states(SVD(), [shallow, deep], [1.0, 3.0])
+    deep = {**_module(4, seed=6), **{k.replace("m.", "n."): v for k, v in _module(3, seed=7).items()}}
+    other = {k.replace("m.", "x."): v for k, v in _module(2, seed=8).items()}
+    combined = combine_states(STRATEGIES[method](), [shallow, deep, other], [1.0, 3.0, 5.0])
     only = {k[2:]: v for k, v in combined.items() if k.startswith("n.")}
-    torch.testing.assert_close(only["lora_B.weight"] @ only["lora_A.weight"], _product(_module(2, seed=7)))
+    torch.testing.assert_close(only["lora_B.weight"] @ only["lora_A.weight"], _product(_module(3, seed=7)))
+    if method == "stack":
+        m = {k: v for k, v in combined.items() if k.startswith("m.")}
+        assert m["m.lora_A.weight"].shape[0] == 2 + 4
+        torch.testing.assert_close(_product(m), _mean_product([shallow, _module(4, seed=6)], [1.0, 3.0]))
 
 
 def test_config_with_mixed_ranks_needs_zeropad():
