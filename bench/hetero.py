@@ -84,7 +84,7 @@ def measure(method: str, seed: int, rounds: int, cuts: list[int], out: Path) -> 
             kinds[kind] = kinds.get(kind, 0.0) + nbytes / len(rounds_)
     return {"ppl": [summary["base_eval_ppl"]] + [r["eval_ppl"] for r in rounds_], "bytes_by_kind": kinds,
             "bytes_per_round": (summary["bytes_up"] + summary["bytes_down"]) / len(rounds_),
-            "hsplitlora": summary.get("hsplitlora"), "export": summary.get("export")}
+            "configurations": summary.get("configurations"), "export": summary.get("export")}
 
 
 def spread(values: list[float]) -> str:
@@ -149,7 +149,7 @@ def compared_with_claims(results: dict[str, list[dict]]) -> str:
         lines.append(f"- {label} ({method}): final perplexity {', '.join(f'{d:+.2f}' for d in differences)} "
                      f"(mean {statistics.fmean(differences):+.2f}); speed to its final perplexity: "
                      f"{', '.join(f'{x:.2f}x' if x else 'not reached' for x in speedups)}")
-    ranks = [r for d in results["hsplitlora"][0]["hsplitlora"]["devices"] for r in d["ranks"].values()]
+    ranks = [r for d in results["hsplitlora"][0]["configurations"]["devices"] for r in d["ranks"].values()]
     lines.append(f"- At these budgets a device's frozen layers take nearly all of its memory and its LoRA very little: "
                  f"{sum(r == max(ranks) for r in ranks)} of {len(ranks)} device matrices get rank {max(ranks)}, so "
                  "importance changes the placements only at the margin; hsplitlora's devices train higher ranks "
@@ -186,7 +186,7 @@ def main() -> None:
                      spread(differences), ", ".join(f"{x:.2f}x" if x else "not reached" for x in speedups),
                      f"{statistics.fmean(r['bytes_per_round'] for r in runs) / 2**20:.2f}", shown_kinds])
     plot(results, DOC.parent / "hetero.png")
-    config_text = results["hsplitlora"][0]["hsplitlora"]["devices"]
+    config_text = results["hsplitlora"][0]["configurations"]["devices"]
     devices = "; ".join(
         f"device {u}: {d['memory_mb']:g} MB -> cut {d['cut']}, LoRA on {len(d['ranks'])} matrices "
         f"(ranks {sorted(set(d['ranks'].values()))}), estimated {d['estimated_mb']:g} MB"
@@ -200,7 +200,7 @@ def main() -> None:
         f"the devices ranks {RANKS} (and hsplitlora's server slots the same). Centralized: one trainer, batch "
         f"{BATCH * len(BUDGETS_MB)}, rank 16. Measured (held-out perplexity of each run's own evaluation).\n\n"
         f"hsplitlora's configurations (seed {args.seeds[0]}, at the end; reconfigured "
-        f"{', '.join(str(r['hsplitlora']['reconfigurations']) for r in results['hsplitlora'])} times per seed): "
+        f"{', '.join(str(r['configurations']['reconfigurations']) for r in results['hsplitlora'])} times per seed): "
         f"{devices}.\n\n"
         + markdown_table(["method", "final perplexity (mean, range over seeds)", f"minus {BASELINE}'s, same seed (mean ± sd)",
                           f"speed to {BASELINE}'s final perplexity, per seed", "MB per round (up + down)",

@@ -57,8 +57,8 @@ def _names(run_dirs: list[Path]) -> list[str]:
 def _ranks(config: dict, summary: dict) -> str:
     devices = config.get("devices", {})
     ranks = ", ".join(map(str, devices.get("ranks") or [config.get("lora", {}).get("rank", "-")]))
-    chosen = sorted({r for d in (summary.get("hsplitlora") or {}).get("devices", []) for r in d["ranks"].values()})
-    if chosen:  # hsplitlora: ranks per matrix on the devices, devices.ranks on the server side
+    chosen = sorted({r for d in (summary.get("configurations") or {}).get("devices", []) for r in d["ranks"].values()})
+    if chosen:  # ranks chosen per matrix on the devices (hsplitlora), devices.ranks on the server side
         return f"devices {chosen[0]}-{chosen[-1]} per matrix; server {ranks}"
     return ranks
 

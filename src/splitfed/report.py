@@ -137,8 +137,8 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
-    if summary.get("hsplitlora"):
-        console.print(_configurations_table(summary["hsplitlora"]))
+    if summary.get("configurations"):
+        console.print(_configurations_table(summary["configurations"]))
     warning = _loss_warning(summary)
     if warning:
         console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", soft_wrap=True)

@@ -30,7 +30,7 @@ def finished(tiny_llama_dir, corpus_dir, tmp_path_factory):
 
 def test_every_device_configuration_stays_within_its_budget(finished):
     summary, records = finished
-    devices = summary["hsplitlora"]["devices"]
+    devices = summary["configurations"]["devices"]
     assert [d["memory_mb"] for d in devices] == BUDGETS_MB
     for device in devices:
         assert 0 < device["estimated_mb"] <= device["memory_mb"]
@@ -45,20 +45,20 @@ def test_every_device_configuration_stays_within_its_budget(finished):
 
 def test_importance_is_measured_for_every_layer_and_its_messages_are_counted(finished):
     summary, records = finished
-    importance = summary["hsplitlora"]["importance"]
+    importance = summary["configurations"]["importance"]
     assert len(importance) == 6 * 2  # every layer's q_proj and v_proj: devices measure theirs, the server the rest
     assert all(score > 0 for score in importance.values())
     rounds = [r for r in records if r["kind"] == "round"]
     assert all(r["bytes_by_kind"]["importance"] > 0 for r in rounds)
     assert all(r["bytes_by_kind"]["importance"] < r["bytes_by_kind"]["adapter_upload"] for r in rounds)  # small
     assert [("adapter_merge" in r["bytes_by_kind"]) for r in rounds] == [False, True, True]  # merges from round 1 on
-    assert summary["hsplitlora"]["reconfigurations"] >= 1  # the first measurement replaces the layer order
+    assert summary["configurations"]["reconfigurations"] >= 1  # the first measurement replaces the layer order
 
 
 def test_same_seed_gives_the_same_placements_and_numbers(finished, tiny_llama_dir, corpus_dir, tmp_path):
     summary, _ = finished
     again = run(_config(tiny_llama_dir, corpus_dir), tmp_path / "again", progress=False)
-    assert again["hsplitlora"] == summary["hsplitlora"]
+    assert again["configurations"] == summary["configurations"]
     assert again["final_eval_loss"] == summary["final_eval_loss"]
 
 
@@ -85,10 +85,10 @@ def test_resume_restores_importance_and_placements(tiny_llama_dir, corpus_dir, t
     config = _config(tiny_llama_dir, corpus_dir, hsplitlora={"reconfigure_threshold": 0.0},
                      train={"rounds": 3, "local_steps": 2, "keep_checkpoints": 0})
     whole = run(config, tmp_path / "whole", progress=False)
-    assert whole["hsplitlora"]["reconfigurations"] >= 2  # the restored state includes changed placements
+    assert whole["configurations"]["reconfigurations"] >= 2  # the restored state includes changed placements
     shutil.copytree(tmp_path / "whole", tmp_path / "again")
     resumed = run(config, tmp_path / "again", progress=False, resume_from="round-0001")
-    assert resumed["hsplitlora"] == whole["hsplitlora"]
+    assert resumed["configurations"] == whole["configurations"]
     assert resumed["final_eval_loss"] == pytest.approx(whole["final_eval_loss"], abs=1e-6)
 
 

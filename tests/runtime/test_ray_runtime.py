@@ -44,5 +44,5 @@ def test_ray_hsplitlora_with_sampled_devices_matches_in_process(tiny_llama_dir, 
                              **sections)
     remote = run_on_ray(config, tmp_path / "ray", progress=False)
     assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
-    assert remote["hsplitlora"] == local["hsplitlora"]
+    assert remote["configurations"] == local["configurations"]
     assert remote["export"]["adapter_eval_loss"] == pytest.approx(local["export"]["adapter_eval_loss"], rel=1e-5)

@@ -247,7 +247,7 @@ class HSplitLoRA(MemorySplitFed):
                 "estimated_mb": round(choice.memory_bytes / MB, 1), "ranks": _named(choice.ranks)}
 
     def summary(self) -> dict:
-        return {"hsplitlora": {"devices": [self._described(u) for u in range(self.config.devices.count)],
+        return {"configurations": {"devices": [self._described(u) for u in range(self.config.devices.count)],
                                "reconfigurations": self.reconfigurations,
                                "importance": _named(self.tracker.importance)}}
 
