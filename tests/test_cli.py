@@ -118,3 +118,18 @@ def test_overwrite_flag_replaces_a_run_and_quiet_silences_transformers(tiny_llam
                                  "--set", "train.rounds=2"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def test_hsplitlora_run_prints_each_device_configuration_and_the_export(tiny_llama_dir, corpus_dir, tmp_path):
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[]")
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run"), "--quiet", "--set",
+                                 'protocol="hsplitlora"', "--set", "devices.memory_mb=[1.0, 4.0]", "--set",
+                                 'aggregation.method="stack"'])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "device configurations" in result.output and "exported adapter" in result.output
+    for u, device in enumerate(summary["configurations"]["devices"]):  # one row per device: budget, cut, ranks
+        row = next(line for line in result.output.splitlines() if line.startswith(f"│ {u} "))
+        assert f"{device['memory_mb']:g}" in row and f"│ {device['cut']} " in row
+    assert (tmp_path / "run" / "merged" / "config.json").is_file()
