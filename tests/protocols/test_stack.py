@@ -137,3 +137,16 @@ def test_exported_merged_model_and_adapter_reproduce_the_summary(tiny_llama_dir,
         assert adapter_loss == pytest.approx(merged_loss, rel=1e-5)
     else:
         assert error > 0.1  # rank 1 cannot hold two rounds of three devices' updates
+
+
+@pytest.mark.parametrize("protocol", ["sflv1", "sfl", "fedlora"])
+def test_stack_runs_with_every_protocol_and_sflv1_equals_memsfl(tiny_llama_dir, corpus_dir, tmp_path, protocol):
+    """sflv1's server slots each run on their own base copy: the merges reach every copy, so at equal cuts it
+    trains exactly like memsfl (one shared base). sfl and fedlora merge too (one shared server slot; whole models)."""
+    cuts = [2, 2, 2] if protocol == "sfl" else [1, 2, 3]
+    sections = {"devices": {"count": 3, "cuts": cuts, "ranks": [2, 4, 8]}, "train": {"rounds": 2, "local_steps": 2}}
+    summary = run(_stack_config(tiny_llama_dir, corpus_dir, protocol, **sections), tmp_path / protocol, progress=False)
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+    if protocol == "sflv1":
+        memsfl = run(_stack_config(tiny_llama_dir, corpus_dir, "memsfl", **sections), tmp_path / "memsfl", progress=False)
+        assert summary["final_eval_loss"] == pytest.approx(memsfl["final_eval_loss"], abs=1e-5)
