@@ -81,7 +81,7 @@ def host_devices(config: RunConfig, devices: list[int]) -> dict[int, HostedDevic
 def message_bounds(config: RunConfig) -> Bounds:
     """What a message between the server and a device may hold, from the model and the config."""
     model_config = load_model_config(config.model.source)
-    largest_rank = max([config.lora.rank, *config.devices.ranks, *getattr(config.options, "ranks", ())])
+    largest_rank = protocol_class(config.protocol).largest_rank(config)
     return Bounds(int(model_config.hidden_size), int(model_config.vocab_size), config.train.seq_len,
                   config.train.batch_size, max_merge_rank=config.devices.count * largest_rank)
 

@@ -9,10 +9,15 @@ with ``rank_pattern`` / ``alpha_pattern``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 Placement = tuple[tuple[int, str, int], ...]
 """(decoder layer, module path inside the layer such as ``self_attn.q_proj``, rank) per matrix with LoRA."""
+
+
+def placement_rank(placement: Placement) -> int:
+    """The largest rank of a placement: the rank its adapter is declared with."""
+    return max(rank for *_, rank in placement)
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,10 @@ class AdapterLayout:
     @property
     def alpha(self) -> float:
         return self.alpha_per_rank * self.rank
+
+    def with_placement(self, placement: Placement) -> AdapterLayout:
+        """This layout with exactly ``placement``'s matrices carrying LoRA; ``rank`` becomes their largest rank."""
+        return replace(self, placement=placement, rank=placement_rank(placement))
 
     def rank_of(self, layer: int, path: str) -> int | None:
         """The rank of the matrix at ``path`` (e.g. ``self_attn.q_proj``) in ``layer``; None: no LoRA there."""

@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 
 from splitfed.adapters.aggregate import Upload
 from splitfed.adapters.layout import AdapterLayout
-from splitfed.adapters.merge import apply_merges, merge_shapes
+from splitfed.adapters.merge import apply_merges, merge_shapes, merged_versions
 from splitfed.adapters.lora import activate, add_adapter, get_adapter_state, layout_config, lora_layers, set_adapter_state
 from splitfed.config import ProtocolOptions, RunConfig
 from splitfed.data.batches import TokenDataset, iterate_batches
@@ -104,6 +104,11 @@ class Protocol(ABC):
     @abstractmethod
     def topology(cls, config: RunConfig, cuts: list[int], total_layers: int) -> Topology:
         """Every device's route."""
+
+    @classmethod
+    def largest_rank(cls, config: RunConfig) -> int:
+        """The largest LoRA rank any slot may train (it bounds the rank of a merge: devices x this)."""
+        return max(config.lora.rank, *config.devices.ranks)
 
     @classmethod
     def serves_together(cls, config: RunConfig) -> bool:
@@ -318,9 +323,11 @@ class Protocol(ABC):
             self.merge_local()
 
     def merge_local(self) -> None:
-        """Bring every layer of this process's base model to the aggregator's merges."""
-        apply_merges(self.model, self.aggregator.merges_for(range(self.total_layers), 0), self.family,
-                     range(self.total_layers), 0, self.aggregator.version)
+        """Bring every layer of this process's base model to the aggregator's merges (only those it lacks)."""
+        layers = range(self.total_layers)
+        since = min(merged_versions(self.model).get(layer, 0) for layer in layers)
+        apply_merges(self.model, self.aggregator.merges_for(layers, since), self.family, layers, since,
+                     self.aggregator.version)
 
     def upload_adapters(self, round_index: int, active: list[int]) -> list[Upload]:
         """Every slot the finishing routes passed sends its adapter; each route's full-depth

@@ -30,7 +30,7 @@ from pydantic import Field, field_validator
 from transformers import PretrainedConfig
 
 from splitfed.adapters.importance import ImportanceTracker
-from splitfed.adapters.layout import AdapterLayout, Placement
+from splitfed.adapters.layout import AdapterLayout, Placement, placement_rank
 from splitfed.config import ConfigError, RunConfig
 from splitfed.models.loading import load_model_config
 from splitfed.system.lora_budget import BudgetError, DeviceLoRA, Matrix, configure_device, ranking_shift
@@ -137,28 +137,32 @@ class HSplitLoRA(MemorySplitFed):
         routes = []
         for route, choice in zip(base.routes, choices):
             placement = placement_of(choice)
-            device = replace(route.first, rank=max(r for *_, r in placement), placement=placement)
+            device = replace(route.first, rank=placement_rank(placement), placement=placement)
             routes.append(Route(route.device, (device, *route.stages[1:])))
         return Topology(tuple(routes), aggregator=base.aggregator)
 
+    @classmethod
+    def largest_rank(cls, config: RunConfig) -> int:
+        return max(super().largest_rank(config), *config.options.ranks)
+
     # --- running ------------------------------------------------------------------------------
     def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        self.costs = layer_costs(ctx.model.config, self.config.lora.targets)
-        self.tracker = ImportanceTracker(self.config.train.rounds)
+        config, model_config = ctx.config, ctx.model.config
+        self.costs = layer_costs(model_config, config.lora.targets)
+        self.choices = {u: device_configuration(config, self.costs, u, model_config.num_hidden_layers)
+                        for u in range(config.devices.count)}
+        """Each device's current configuration (first: budgets alone, matrices in layer order)."""
+        self.tracker = ImportanceTracker(config.train.rounds)
         self.chosen_on: dict[Matrix, float] = {}
         """The importance the current placements were chosen on (empty: layer order)."""
-        self.choices = {u: device_configuration(self.config, self.costs, u, self.total_layers)
-                        for u in range(self.config.devices.count)}
         self.reconfigurations = 0
+        super().__init__(ctx)
 
-    def layout_of(self, stage) -> AdapterLayout:
+    def layout_of(self, stage: StagePlacement) -> AdapterLayout:
         layout = super().layout_of(stage)
-        choices = getattr(self, "choices", None)  # None while the base class builds the workers
-        if not stage.first or choices is None:
+        if not stage.first:
             return layout
-        placement = placement_of(choices[self.topo.routes_of(stage.key)[0]])
-        return replace(layout, placement=placement, rank=max(r for *_, r in placement))
+        return layout.with_placement(placement_of(self.choices[self.topo.routes_of(stage.key)[0]]))
 
     def train_round(self, round_index: int, participants: list[int]) -> None:
         passes = self.config.options.importance_passes
@@ -218,9 +222,11 @@ class HSplitLoRA(MemorySplitFed):
 
     def _relayout(self, devices: list[int], round_index: int) -> None:
         """Give the first-stage slots of ``devices`` adapters of their current placements."""
-        dropout = self.config.lora.dropout
-        replies = [(u, self.workers[s.worker].relayout(s.slot, self.layout_of(s), dropout))
-                   for u in devices for s in [self.topo.routes[u].first]]
+        replies = []
+        for u in devices:
+            stage = self.topo.routes[u].first
+            replies.append((u, self.workers[stage.worker].relayout(stage.slot, self.layout_of(stage),
+                                                                  self.config.lora.dropout)))
         for u, reply in replies:
             self.attempt(u, round_index, 0, [u], reply.result)  # a lost device relayouts when it rejoins (resume)
 

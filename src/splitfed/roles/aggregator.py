@@ -16,7 +16,7 @@ import torch
 from splitfed.adapters.aggregate import A_SUFFIX, STRATEGIES, Upload, combine_states
 from splitfed.adapters.layout import AdapterLayout
 from splitfed.adapters.lora import AdapterState, fit_rank, layer_of, slice_layers
-from splitfed.adapters.merge import merge_key
+from splitfed.adapters.merge import merge_key, module_deltas
 from splitfed.models.families import Family
 from splitfed.seeding import Purpose, derive_seed
 
@@ -89,9 +89,6 @@ class Aggregator:
         """Module path -> the sum of all merges' B @ A, (out, in): what the base weights gained."""
         total: dict[str, torch.Tensor] = {}
         for merge in self.merges:
-            for key, a in merge.items():
-                if key.endswith(A_SUFFIX):
-                    module = key[: -len(A_SUFFIX)]
-                    delta = merge[module + ".lora_B.weight"].double() @ a.double()
-                    total[module] = total[module] + delta if module in total else delta
+            for module, delta in module_deltas({k: t.double() for k, t in merge.items()}, 1.0).items():
+                total[module] = total[module] + delta if module in total else delta
         return total

@@ -139,7 +139,7 @@ def requested_layout(device: HostedDevice, placement: str) -> AdapterLayout:
         chosen.append((int(layer), path, rank))
     if not chosen:
         raise MessageError("relayout: the placement names no matrix")
-    return replace(device.layout, placement=tuple(sorted(chosen)), rank=max(r for *_, r in chosen))
+    return device.layout.with_placement(tuple(sorted(chosen)))
 
 
 def is_stop(message: Message) -> bool:
