@@ -108,7 +108,7 @@ class Protocol(ABC):
     @classmethod
     def largest_rank(cls, config: RunConfig) -> int:
         """The largest LoRA rank any slot may train (it bounds the rank of a merge: devices x this)."""
-        return max(config.lora.rank, *config.devices.ranks)
+        return max([config.lora.rank, *config.devices.ranks])
 
     @classmethod
     def serves_together(cls, config: RunConfig) -> bool:

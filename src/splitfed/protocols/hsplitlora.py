@@ -143,7 +143,7 @@ class HSplitLoRA(MemorySplitFed):
 
     @classmethod
     def largest_rank(cls, config: RunConfig) -> int:
-        return max(super().largest_rank(config), *config.options.ranks)
+        return max([super().largest_rank(config), *config.options.ranks])
 
     # --- running ------------------------------------------------------------------------------
     def __init__(self, ctx: Context) -> None:
