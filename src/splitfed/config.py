@@ -194,7 +194,9 @@ class SystemSection(_Section):
     device_classes: list[str] = ["phone", "laptop", "jetson"]
     """Device class per device, cycled (splitfed.system.profiles.DEVICE_CLASSES)."""
     server: str = "edge_server"
-    """Server profile (splitfed.system.profiles.SERVERS)."""
+    """Server profile (splitfed.system.profiles.SERVERS): the server, or the cloud of a three-tier protocol."""
+    edge: str = "edge_server"
+    """Profile of each edge server of a three-tier protocol (splitllm)."""
     subchannels: int | None = Field(None, ge=1)
     """OFDMA subchannels; None: 16, or one per device of a round if more."""
     subchannel_hz: float = Field(1e6, gt=0)
@@ -202,6 +204,8 @@ class SystemSection(_Section):
     noise_dbm_per_hz: float = -174.0
     backhaul_gbps: float = Field(10.0, gt=0)
     """Wired link between two server-side workers (a stage chain, edge -> cloud), Gbit/s each way."""
+    backhaul_latency_ms: float = Field(0.0, ge=0)
+    """One-way latency of every message on the backhaul, ms."""
     fading: Literal["rayleigh", "none"] = "rayleigh"
     seed: int | None = None
     """Seed of device positions, speeds and fading; None: the run seed."""
@@ -232,7 +236,7 @@ class SystemSection(_Section):
             raise ValueError(f"unknown device classes {unknown}; allowed: {', '.join(DEVICE_CLASSES)}")
         return value
 
-    @field_validator("server")
+    @field_validator("server", "edge")
     @classmethod
     def _known_server(cls, value: str) -> str:
         return _one_of(value, SERVERS, "server profile")
@@ -247,6 +251,11 @@ class RuntimeSection(_Section):
     """Where the server listens and devices dial."""
     tokens: list[str] = []
     """grpc: the secret token of device i is tokens[i]; devices not listed are refused."""
+    edge_addresses: list[str] = []
+    """grpc, three-tier protocols: where edge server e listens for its users (``splitfed edge --id e``);
+    users dial their edge's address, edges dial ``address`` (the cloud)."""
+    edge_tokens: list[str] = []
+    """grpc, three-tier protocols: the secret token edge e presents to the cloud."""
     request_timeout_s: float = Field(120.0, gt=0)
     """A device that does not answer a request within this time is dropped from the round."""
     connect_timeout_s: float = Field(300.0, gt=0)

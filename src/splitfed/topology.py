@@ -151,3 +151,18 @@ def groups_share_slots(slots: tuple[frozenset[tuple[str, str]], ...], groups: li
     ``Topology.server_side_slots``): the next group then waits for that slot's step."""
     keys = [frozenset().union(*(slots[u] for u in group)) for group in groups]
     return any(a & b for a, b in zip(keys, keys[1:]))
+
+
+EDGE_TIER = "edge"
+"""Workers of this tier run in processes of their own (``splitfed edge``) that relay their users' traffic."""
+
+
+def edge_peers(topology: Topology) -> dict[tuple[str, str], int]:
+    """The stream (peer id) of each slot of each edge worker: numbered after the devices' ids."""
+    keys = sorted({s.key for r in topology.routes for s in r.stages if s.tier == EDGE_TIER})
+    return {key: len(topology.routes) + i for i, key in enumerate(keys)}
+
+
+def edge_index(worker: str) -> int:
+    """``edge3`` -> 3."""
+    return int(worker.removeprefix(EDGE_TIER))

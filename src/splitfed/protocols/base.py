@@ -46,7 +46,7 @@ from splitfed.seeding import Purpose, derive_seed
 from splitfed.system.clock import Clock, predicted_memory
 from splitfed.system.cuts import resolve_cuts
 from splitfed.system.schedule import serving_order
-from splitfed.topology import NO_ROUTE, Hop, StagePlacement, Topology
+from splitfed.topology import EDGE_TIER, NO_ROUTE, Hop, StagePlacement, Topology, edge_peers
 from splitfed.wire.messages import Message
 
 GLOBAL_ADAPTER = "global"
@@ -180,20 +180,35 @@ class Protocol(ABC):
         return self.ctx.data.train[device]
 
     def _remote_workers(self) -> dict[str, WorkerHandle]:
+        """Handles of the workers in other processes: every device, and every edge (``topology.EDGE_TIER``)
+        with the devices behind it."""
         remote = self.ctx.remote
         if remote is None:
             return {}
-        handles = {}
+        handles: dict[str, WorkerHandle] = {}
         for route in self.topo.routes:
             name = route.first.worker
             aggregator_hop = Hop(name, self.topo.aggregator)
             hop = route.hops[0] if route.hops else aggregator_hop
-            handle = remote.handle(route.device, name, hop, aggregator_hop, self.link)
-            # the weight matrices of the device's layers: what its importance reports may name
-            modules = merge_shapes(self.model, self.family, route.first.layers, self.config.lora.targets)
-            handle.bounds = replace(handle.bounds, merge_modules=modules)
+            relayed = len(route.stages) > 1 and route.stages[1].tier == EDGE_TIER
+            handle = remote.handle(route.device, name, hop, aggregator_hop, self.link, relayed=relayed)
+            handle.bounds = replace(handle.bounds, merge_modules=self._merge_modules(route.first))
             handles[name] = handle
+        streams: dict[str, dict[str, tuple[int, int, int]]] = {}
+        for (worker, slot), peer in edge_peers(self.topo).items():
+            key = (worker, slot)
+            max_batch = self.config.train.batch_size * len(self.topo.routes_of(key))
+            streams.setdefault(worker, {})[slot] = (peer, self.topo.owner(key), max_batch)
+        for worker, slots in streams.items():
+            handles[worker] = remote.stage(worker, slots, self.topo, self.link)
+            for slot, stream in handles[worker].slots.items():
+                stage = next(s for s in self.topo.workers()[worker] if s.slot == slot)
+                stream.bounds = replace(stream.bounds, merge_modules=self._merge_modules(stage))
         return handles
+
+    def _merge_modules(self, stage: StagePlacement) -> dict[str, tuple[int, int]]:
+        """The weight matrices of a stage's layers: what its merges and importance reports may name."""
+        return merge_shapes(self.model, self.family, stage.layers, self.config.lora.targets)
 
     def _local_workers(self, remote: set[str]) -> dict[str, WorkerHandle]:
         copies: dict[str, nn.Module] = {}
@@ -239,21 +254,27 @@ class Protocol(ABC):
         """Bytes per (route, hop, message kind) since the last call: what the simulated clock consumes."""
         return self.link.take_sent()
 
-    def attempt(self, device: int, round_index: int, step: int, active: list[int], reply: Callable[[], object]) -> object:
-        """Wait for one exchange with ``device``; if the device is lost, drop it from ``active`` and return None.
+    def attempt(self, device: int, round_index: int, step: int, active: list[int], reply: Callable[[], object],
+                routes: list[int] | None = None) -> object:
+        """Wait for one exchange with ``device``; if the device is lost, drop it (or ``routes``: every route
+        through a lost slot) from ``active`` and return None.
 
-        Local devices never drop; remote ones (gRPC, Ray) do when they disconnect, miss their
+        Local workers never drop; remote ones (gRPC, Ray) do when they disconnect, miss their
         deadline or send a message that fails the checks. The drop is recorded in metrics.
         """
         try:
             return reply()
         except DeviceDropped as error:
-            if device in active:
-                active.remove(device)
-                self.dropped.add(device)
-                self.ctx.log({"kind": "drop", "round": round_index, "step": step, "device": device,
-                              "reason": error.reason})
+            for u in routes if routes is not None else [device]:
+                self.drop(u, round_index, step, active, error.reason)
             return None
+
+    def drop(self, device: int, round_index: int, step: int, active: list[int], reason: str) -> None:
+        """Take ``device``'s route out of the round (recorded in metrics)."""
+        if device in active:
+            active.remove(device)
+            self.dropped.add(device)
+            self.ctx.log({"kind": "drop", "round": round_index, "step": step, "device": device, "reason": reason})
 
     def require_quorum(self, round_index: int, participants: list[int], active: list[int]) -> None:
         """Raise RoundFailed unless enough of the round's devices finished it (runtime.quorum);
@@ -338,7 +359,8 @@ class Protocol(ABC):
         weights: dict[int, float] = {}
         for stage in slots:
             owner = self.topo.owner(stage.key)
-            message = self.attempt(owner, round_index, 0, active, replies[stage.key].result)
+            message = self.attempt(owner, round_index, 0, active, replies[stage.key].result,
+                                   routes=[u for u in self.topo.routes_of(stage.key) if u in active])
             if message is None:
                 continue
             message = self.net.carry(Hop(stage.worker, self.topo.aggregator), owner, "up", message)
@@ -375,14 +397,22 @@ class Protocol(ABC):
 
     # --- the memory report ----------------------------------------------------------------
     def memory(self) -> dict[str, int]:
-        """Per tier: the peak bytes and trainable parameters of its largest worker."""
+        """Per tier: the peak bytes and trainable parameters of its largest worker. Tiers beyond the
+        device (edge, cloud) also count as server side: ``peak_mem_server_bytes`` is the most loaded
+        server-side worker, ``peak_mem_server_total_bytes`` the sum over all of them (each on its machine)."""
         report = {f"{key}_{tier}{suffix}": 0 for tier in ("device", "server")
                   for key, suffix in (("peak_mem", "_bytes"), ("trainable_params", ""))}
+        report["peak_mem_server_total_bytes"] = 0
         for name, handle in self.workers.items():
+            peak, params = handle.peak_bytes(), handle.trainable_params
             tier = self.topo.tier_of(name)
-            peak_key, params_key = f"peak_mem_{tier}_bytes", f"trainable_params_{tier}"
-            report[peak_key] = max(report.get(peak_key, 0), handle.peak_bytes())
-            report[params_key] = max(report.get(params_key, 0), handle.trainable_params)
+            tiers = [tier] if tier in ("device", "server") else [tier, "server"]
+            for t in tiers:
+                peak_key, params_key = f"peak_mem_{t}_bytes", f"trainable_params_{t}"
+                report[peak_key] = max(report.get(peak_key, 0), peak)
+                report[params_key] = max(report.get(params_key, 0), params)
+            if tier != "device":
+                report["peak_mem_server_total_bytes"] += peak
         return report
 
     def summary(self) -> dict:

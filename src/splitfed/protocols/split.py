@@ -17,11 +17,13 @@ layer by layer into the global adapter that every slot loads next round.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from splitfed.optim import clip_scale
 from splitfed.protocols.base import Protocol
 from splitfed.runtime.futures import Reply
-from splitfed.topology import StagePlacement, groups_share_slots
+from splitfed.runtime.remote import DeviceDropped
+from splitfed.topology import NO_ROUTE, StagePlacement, groups_share_slots
 from splitfed.wire.messages import Message
 
 
@@ -88,43 +90,56 @@ class SplitProtocol(Protocol):
             return _Group([], {}, [])
         served = self._slots_of(list(arrivals))
         served = [s for s in served if not s.first]
-        grads = self._server_side(arrivals)
+        grads = self._server_side(arrivals, round_index, step, active)
         norms = {}
         for u, grad in grads.items():
             handle, stage = self.first(u)
             delivered = self.net.carry(self.topo.routes[u].hops[0].reverse(), u, "down", grad)
             norms[u] = handle.backward(stage.slot, delivered)
         self._losses.update({u: (float(g.values["loss"]), int(g.values["tokens"])) for u, g in grads.items()})
-        return _Group(list(arrivals), norms, served)
+        return _Group(list(grads), norms, served)
 
-    def _server_side(self, arrivals: dict[int, Message]) -> dict[int, Message]:
+    def _server_side(self, arrivals: dict[int, Message], round_index: int, step: int,
+                     active: list[int]) -> dict[int, Message]:
         """Forward through stages 1..K-1 (the last computes loss and backward), then backward through
-        the middle stages; returns each route's gradient for its first stage's output."""
+        the middle stages; returns each route's gradient for its first stage's output (routes through
+        a remote stage that was lost on the way have none: they left the round)."""
         routes = self.topo.routes
         depth = len(routes[next(iter(arrivals))].stages)
         if any(len(routes[u].stages) != depth for u in arrivals):
             raise ValueError("routes served in one group must have the same number of stages")
         current = arrivals
+        dropped = lambda u, reason: self.drop(u, round_index, step, active, reason)  # noqa: E731
         for k in range(1, depth):
-            replies = self._each_worker(current, k, "forward_group")
+            replies = self._each_worker(current, k, "forward_group", dropped)
             if k == depth - 1:
                 current = replies
                 break
             current = {u: self.net.carry(routes[u].hops[k], u, "up", m) for u, m in replies.items()}
         for k in range(depth - 2, 0, -1):
             delivered = {u: self.net.carry(routes[u].hops[k].reverse(), u, "down", m) for u, m in current.items()}
-            current = self._each_worker(delivered, k, "backward_group")
+            current = self._each_worker(delivered, k, "backward_group", dropped)
         return current
 
-    def _each_worker(self, messages: dict[int, Message], k: int, op: str) -> dict[int, Message]:
+    def _each_worker(self, messages: dict[int, Message], k: int, op: str,
+                     dropped: Callable[[int, str], None]) -> dict[int, Message]:
         """Send the messages at stage ``k`` to their workers (each gets its slots' arrivals at
-        once; different workers run at the same time), then collect the replies."""
+        once; different workers run at the same time), then collect the replies. A remote worker
+        that is lost takes its routes out of the round (``dropped(route, reason)``)."""
         by_worker: dict[str, dict[str, list[tuple[int, Message]]]] = {}
         for u, message in messages.items():
             stage = self.topo.routes[u].stages[k]
             by_worker.setdefault(stage.worker, {}).setdefault(stage.slot, []).append((u, message))
-        replies = [getattr(self.workers[w], op)(groups) for w, groups in by_worker.items()]
-        return {u: m for reply in replies for u, m in reply.result().items()}
+        requests = {w: getattr(self.workers[w], op)(groups) for w, groups in by_worker.items()}
+        replies: dict[int, Message] = {}
+        for w, reply in requests.items():
+            try:
+                replies.update(reply.result())
+            except DeviceDropped as error:
+                for arrivals in by_worker[w].values():
+                    for u, _ in arrivals:
+                        dropped(u, error.reason)
+        return replies
 
     def _clip_and_step(self, group: _Group, round_index: int, step: int, lr: float, active: list[int]) -> None:
         """Clip on the norm over every stage of the routes that share slots, then step them all."""
@@ -149,15 +164,21 @@ class SplitProtocol(Protocol):
                 delivered = self.net.carry(self.topo.routes[u].hops[0].reverse(), u, "down", message)
                 acks.append((u, handle.apply(stage.slot, delivered, lr)))
             server_steps += [(s, scale) for s in slots]
-        for s, scale in server_steps:
-            message = Message("clip_scale", s.worker, round_index, step, values={"scale": scale})
-            self.workers[s.worker].apply(s.slot, message, lr).result()
+        applied = [(s, self.workers[s.worker].apply(s.slot, Message("clip_scale", s.worker, round_index, step,
+                                                                     values={"scale": scale}), lr))
+                   for s, scale in server_steps]  # remote stages (edges) step at the same time
+        for s, reply in applied:
+            self.attempt(NO_ROUTE, round_index, step, active, reply.result,
+                         routes=[u for u in group.routes if u in active and s.key in self._keys(u)])
             stepped.add(s.key)
         for s in group.served:  # every route of the slot dropped out after its forward: no step
             if s.key not in stepped:
                 self.workers[s.worker].discard(s.slot)
         for u, ack in acks:
             self.attempt(u, round_index, step, active, ack.result)
+
+    def _keys(self, route: int) -> set[tuple[str, str]]:
+        return {s.key for s in self.topo.routes[route].stages}
 
     def _clipping_sets(self, routes: list[int], served: list[StagePlacement]) -> list[tuple[list[int], list[StagePlacement]]]:
         """Routes joined by the server-side slots they share (union-find), with those slots."""

@@ -306,11 +306,13 @@ class StageWorker:
         slot.optimizer = make_optimizer(slot.params, self.train)
 
     # --- checkpoints --------------------------------------------------------------------
-    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Every slot's adapter, optimizer and batch-stream position as (tensors, JSON-able meta)."""
+    def export_state(self, slots: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every slot's (or ``slots``') adapter, optimizer and batch-stream position as (tensors, JSON-able meta)."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict = {}
         for name, slot in self.slots.items():
+            if slots is not None and name not in slots:
+                continue
             prefix = f"{name}/"
             tensors.update({f"{prefix}adapter/{k}": v for k, v in get_adapter_state(slot.stage.model, slot.adapter).items()})
             entry = {"optimizer": flatten(f"{prefix}optimizer", slot.optimizer.state_dict(), tensors)}

@@ -63,7 +63,9 @@ class Clock:
         if config.devices.tflops:  # the config's compute budgets replace the drawn speeds
             self.devices = [replace(d, flops=config.device_tflops(u) * 1e12) for u, d in enumerate(self.devices)]
         self.server = server_profile(system.server)
+        self.edge = server_profile(system.edge)
         self.backhaul_bps = system.backhaul_gbps * 1e9
+        self.backhaul_latency_s = system.backhaul_latency_ms / 1e3
         subchannels = system.subchannels or max(16, config.participants_per_round)
         self.channel = Channel(subchannels, system.subchannel_hz, system.noise_dbm_per_hz, system.fading)
         self.up_bps: dict[int, float] = {}
@@ -132,7 +134,7 @@ class Clock:
             return self.up_s(self._device_of[src], nbytes)
         if dst in self._device_of:
             return self.down_s(self._device_of[dst], nbytes)
-        return nbytes * BITS / self.backhaul_bps
+        return self.backhaul_latency_s + nbytes * BITS / self.backhaul_bps if nbytes else 0.0
 
     def up_s(self, device: int, nbytes: float) -> float:
         return nbytes * BITS / self.up_bps[device]
@@ -150,7 +152,9 @@ class Clock:
 
     def speed(self, stage: StagePlacement, device: int) -> float:
         """FLOP/s of the machine that runs ``stage`` of ``device``'s route."""
-        return self.devices[device].flops if stage.tier == "device" else self.server.flops
+        if stage.tier == "device":
+            return self.devices[device].flops
+        return self.edge.flops if stage.tier == "edge" else self.server.flops
 
     def device_flops(self, device: int) -> Flops:
         """FLOPs of one step of the device's first stage (the whole model when it holds no cut)."""

@@ -23,7 +23,7 @@ from safetensors.torch import save as save_tensors
 Scalar = int | float | str
 
 KINDS = ("activations", "activation_grad", "grad_norm", "clip_scale", "adapter_upload", "adapter_download",
-         "adapter_merge", "importance", "call", "ack", "error", "role_state")
+         "adapter_merge", "importance", "call", "ack", "error", "role_state", "held", "group_grad")
 """Every message kind; ``wire.schema.SCHEMAS`` says what each one carries."""
 
 MAX_HEADER_BYTES = 64 << 20

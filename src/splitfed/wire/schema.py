@@ -35,7 +35,7 @@ MAX_STATE_TENSORS = 100_000
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
                 torch.bool)
 OPS = ("forward", "local_step", "upload", "export_state", "report", "stop", "measure_importance", "importance",
-       "relayout")
+       "relayout", "forward_group")
 """Operations a ``call`` may ask of a device."""
 MAX_REASON_CHARS = 2000
 
@@ -120,6 +120,7 @@ def _adapter(b: Bounds) -> dict[str, TensorSpec]:
 FINITE = ValueSpec(float, low=-math.inf)
 NON_NEGATIVE = ValueSpec(float)
 COUNT = ValueSpec(int, high=MAX_INDEX)
+JSON_OBJECT = ValueSpec(str, max_chars=MAX_HEADER_BYTES, json_object=True)
 
 SCHEMAS: dict[str, Schema] = {
     # stage k -> stage k + 1: output of stage k plus what the last stage needs for the loss
@@ -140,13 +141,22 @@ SCHEMAS: dict[str, Schema] = {
     "adapter_merge": Schema(merge_tensors=True, required={"since": COUNT, "version": ValueSpec(int, low=1, high=MAX_INDEX)}),
     # a stage -> the aggregator: importance of each weight matrix it measured (HSplitLoRA), one float64 per path
     "importance": Schema(score_tensors=True),
-    # server -> device process: run an operation that carries no data of its own
+    # server -> device process: run an operation that carries no data of its own; ``forward_group`` (an
+    # edge's slot): forward the activations it holds for ``routes`` ({"<route>": batch}, in that order)
     "call": Schema(required={"op": ValueSpec(str, choices=OPS)},
-                   optional={"lr": NON_NEGATIVE, "passes": COUNT,
-                             "placement": ValueSpec(str, max_chars=MAX_HEADER_BYTES, json_object=True)}),
-    # device process -> server: an operation finished (values may carry its result)
+                   optional={"lr": NON_NEGATIVE, "passes": COUNT, "placement": JSON_OBJECT, "routes": JSON_OBJECT}),
+    # device process -> server: an operation finished (values may carry its result: an edge's backward
+    # reports its squared grad norm and the encoded bytes of each route's gradient it holds for its user)
     "ack": Schema(optional={"loss": NON_NEGATIVE, "tokens": COUNT, "peak_bytes": ValueSpec(int, high=2**62),
-                            "trainable_params": COUNT}),
+                            "trainable_params": COUNT, "sq_norm": NON_NEGATIVE, "bytes": JSON_OBJECT}),
+    # edge -> cloud, in place of a user's activations or gradient that the edge holds for the next stage
+    # (it never crosses the backhaul); cloud -> edge: "send the user the gradient you hold". ``bytes``: the
+    # encoded size on the user's hop, as the edge measured it
+    "held": Schema(required={"batch": ValueSpec(int, low=1, high=MAX_INDEX)},
+                   optional={"loss": NON_NEGATIVE, "tokens": COUNT, "grad_scale": NON_NEGATIVE, "bytes": COUNT}),
+    # cloud -> edge: gradients of the outputs of a slot's routes, concatenated in the order of its forward,
+    # with {"<route>": [batch, loss, tokens, grad_scale]}
+    "group_grad": Schema(_activation_grad, required={"routes": JSON_OBJECT}),
     # either way: the message just received was refused, and why
     "error": Schema(required={"reason": ValueSpec(str, max_chars=MAX_REASON_CHARS)}),
     # device process <-> server: a role's adapter, optimizer and data-stream state (checkpoints)
