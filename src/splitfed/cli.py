@@ -221,6 +221,23 @@ def device(
         run_device(load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""]), device_id, address=address, token=token)
 
 
+@app.command()
+def edge(
+    config: Annotated[Path, typer.Argument(help="The same TOML config the cloud (`splitfed serve`) uses.")],
+    edge_id: Annotated[int, typer.Option("--id", help="This edge server's id (0-based).")],
+    token: Annotated[Optional[str], typer.Option(help="This edge's token at the cloud (default runtime.edge_tokens[id]).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Start one edge server of a three-tier run (splitllm): it loads only its layers, serves its users at
+    runtime.edge_addresses[id] and trains with the cloud at runtime.address."""
+    from splitfed.config import load_config
+    from splitfed.deploy import run_edge
+
+    _log_to_stderr()
+    with user_errors():
+        run_edge(load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""]), edge_id, token=token)
+
+
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,29 +31,43 @@ from splitfed.models.split import Stage, StageSpec
 from splitfed.protocols.base import adapter_layout
 from splitfed.registry import protocol_class
 from splitfed.roles.worker import StageWorker
-from splitfed.run import build_data, check_run_dir, plan_run, run
+from splitfed.run import ValidatedRun, build_data, check_run_dir, plan_run, run
 from splitfed.errors import RefusedError, UnreachableError
-from splitfed.runtime.endpoint import HostedDevice, refusal, respond, serve_device
-from splitfed.runtime.grpc.transport import GrpcTransport, LinkServer, TransportSettings, connect, wait_before_redial
+from splitfed.runtime.edge import EdgeServer
+from splitfed.runtime.endpoint import HostedDevice, is_stop, refusal, respond, serve_device
+from splitfed.runtime.grpc.transport import (
+    GrpcTransport,
+    LinkServer,
+    Session,
+    TransportSettings,
+    connect,
+    wait_before_redial,
+)
 from splitfed.runtime.link import message_codec
 from splitfed.runtime.ray import RayTransport
 from splitfed.runtime.remote import DeviceLost, Limits, RemoteDevices
 from splitfed.seeding import Purpose, derive_seed
-from splitfed.wire.messages import MessageError, decode, encode
+from splitfed.topology import EDGE_TIER, Topology, edge_index, edge_peers
+from splitfed.wire.messages import Message, MessageError, decode, encode
 from splitfed.wire.schema import Bounds
 
 log = logging.getLogger("splitfed.deploy")
 
 
 # --- building what a process hosts ----------------------------------------------------------
+def run_topology(config: RunConfig) -> tuple[ValidatedRun, Topology]:
+    """The run's plan and the topology its protocol declares (no weights loaded)."""
+    plan = plan_run(config)
+    total = num_layers(load_model_config(config.model.source))
+    return plan, protocol_class(config.protocol).topology(config, plan.cuts, total)
+
+
 def host_devices(config: RunConfig, devices: list[int]) -> dict[int, HostedDevice]:
     """The first-stage workers of ``devices`` on one base model holding only the layers they run."""
     if config.runtime.device_threads:
         torch.set_num_threads(config.runtime.device_threads)
-    plan = plan_run(config)
+    plan, topology = run_topology(config)
     model_dir = str(prepare_model(config.model.source))
-    total = num_layers(load_model_config(config.model.source))
-    topology = protocol_class(config.protocol).topology(config, plan.cuts, total)
     stages = {u: topology.routes[u].first for u in devices}
     cover = StageSpec(0, max(s.end for s in stages.values()), first=True, last=any(s.last for s in stages.values()))
     model = load_stage_model(model_dir, cover)
@@ -108,16 +124,18 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
     ``concurrent=False`` sends the devices' requests one at a time (for measurements only)."""
     runtime = config.runtime
     # a used run directory or a resume that cannot work is refused before devices are waited for
-    check_run_dir(plan_run(config), out, resume=resume, resume_from=resume_from, overwrite=overwrite)
-    tokens = {i: runtime.tokens[i] for i in range(config.devices.count)}
+    plan, topology = run_topology(config)
+    check_run_dir(plan, out, resume=resume, resume_from=resume_from, overwrite=overwrite)
+    tokens = cloud_tokens(config, topology)
     server = LinkServer(runtime.address, tokens, transport_settings(runtime))
     log.info("listening on %s (port %d)", runtime.address, server.port)
     try:
-        devices = list(range(config.devices.count))
-        connected = server.wait_for(devices, runtime.connect_timeout_s)
-        if len(connected) < len(devices):
-            missing = sorted(set(devices) - set(connected))
-            raise ConfigError(f"devices {missing} did not connect within runtime.connect_timeout_s={runtime.connect_timeout_s:g} s")
+        connected = server.wait_for(sorted(tokens), runtime.connect_timeout_s)
+        if len(connected) < len(tokens):
+            missing = sorted(set(tokens) - set(connected))
+            names = [_peer_name(topology, peer) for peer in missing]
+            raise ConfigError(f"{', '.join(names)} did not connect within runtime.connect_timeout_s="
+                              f"{runtime.connect_timeout_s:g} s")
         remote = remote_devices(config, GrpcTransport(server), concurrent)
         server.screen = remote.screen
         try:
@@ -130,41 +148,201 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
 
 
 def run_device(config: RunConfig, device: int, *, address: str | None = None, token: str | None = None) -> None:
-    """A device process: its stage weights, its data, its adapter; serves until the server stops it."""
+    """A device process: its stage weights, its data, its adapter; serves until the server stops it.
+    It dials the server, or its edge server when its route passes one (``runtime.edge_addresses``)."""
     if not 0 <= device < config.devices.count:
         raise ConfigError(f"--id {device}: allowed 0..{config.devices.count - 1} (devices.count={config.devices.count})")
     hosted = host_devices(config, [device])[device]
     codec = message_codec(config)
-    settings = transport_settings(config.runtime)
     token = token if token is not None else config.runtime.tokens[device]
-    address = address or config.runtime.address
+    address = address or device_address(config, run_topology(config)[1], device)
     slot = next(iter(hosted.worker.slots.values()))
     log.info("device %d: layers %d..%d, %d training sequences, dialing %s", device, slot.stage.spec.start,
              slot.stage.spec.end - 1, slot.num_samples, address)
-    # A lost connection (server restart, network) is redialed with backoff until the server says stop;
-    # a refusal of the credentials is final, and so is a server unreachable for runtime.connect_timeout_s.
+    keep_connected(config, address, device, token, f"device {device}",
+                   lambda session: serve_device(hosted, session, codec), seed=device)
+
+
+def keep_connected(config: RunConfig, address: str, peer: int, token: str, label: str,
+                   serve_session: Callable[[Session], bool], seed: int, stop: threading.Event | None = None) -> None:
+    """Dial ``address`` as stream ``peer`` and serve the session until the far end says stop (``serve_session``
+    returns True). A lost connection (server restart, network) is redialed with backoff; a refusal of the
+    credentials is final, and so is a server unreachable for runtime.connect_timeout_s."""
+    settings = transport_settings(config.runtime)
     budget = config.runtime.connect_timeout_s
-    jitter = random.Random(derive_seed(config.seed, Purpose.BATCHES, device) ^ os.getpid()).random
+    jitter = random.Random(derive_seed(config.seed, Purpose.BATCHES, seed) ^ os.getpid()).random
     lost_since, attempt = time.monotonic(), 0
-    while True:
+    while stop is None or not stop.is_set():
         remaining = budget - (time.monotonic() - lost_since)
         if remaining <= 0:
-            raise UnreachableError(f"device {device}: server {address} not reachable for {budget:g} s "
+            raise UnreachableError(f"{label}: server {address} not reachable for {budget:g} s "
                                    "(runtime.connect_timeout_s); giving up")
         try:
-            session = connect(address, device, token, settings, ready_timeout_s=remaining)
+            session = connect(address, peer, token, settings, ready_timeout_s=remaining)
         except DeviceLost:
             continue
-        if serve_device(hosted, session, codec):
+        if serve_session(session):
             return
         if session.credentials_refused:
-            raise RefusedError(f"device {device}: the server at {address} refused this device ({session.end_reason}); "
-                               f"check --id, --token (runtime.tokens[{device}]) and the TLS certificates")
+            raise RefusedError(f"{label}: the server at {address} refused it ({session.end_reason}); "
+                               "check --id, --token and the TLS certificates")
         if session.received:  # it worked for a while: the budget starts again from now
             lost_since, attempt = time.monotonic(), 0
-        log.info("device %d: connection ended (%s); redialing", device, session.end_reason)
+        log.info("%s: connection ended (%s); redialing", label, session.end_reason)
         wait_before_redial(attempt, budget - (time.monotonic() - lost_since), jitter)
         attempt += 1
+
+
+def device_address(config: RunConfig, topology: Topology, device: int) -> str:
+    """Where device ``device`` dials: its edge server's address, or the server's."""
+    stages = topology.routes[device].stages
+    if len(stages) > 1 and stages[1].tier == EDGE_TIER:
+        return _edge_setting(config, config.runtime.edge_addresses, edge_index(stages[1].worker), "edge_addresses")
+    return config.runtime.address
+
+
+def cloud_tokens(config: RunConfig, topology: Topology) -> dict[int, str]:
+    """Who may open a stream at the server and with which token: each device with its own; behind an
+    edge, the edge's token for its users' relayed streams and for each of its slots' streams."""
+    tokens = {}
+    for route in topology.routes:
+        stages = route.stages
+        behind = stages[1].worker if len(stages) > 1 and stages[1].tier == EDGE_TIER else None
+        tokens[route.device] = (config.runtime.tokens[route.device] if behind is None else
+                                _edge_setting(config, config.runtime.edge_tokens, edge_index(behind), "edge_tokens"))
+    for (worker, _), peer in edge_peers(topology).items():
+        tokens[peer] = _edge_setting(config, config.runtime.edge_tokens, edge_index(worker), "edge_tokens")
+    return tokens
+
+
+def _edge_setting(config: RunConfig, values: list[str], edge: int, field: str) -> str:
+    if edge >= len(values):
+        raise ConfigError(f"runtime.{field}: edge {edge} has no entry ({len(values)} given); a three-tier run over "
+                          "gRPC needs one per edge server")
+    return values[edge]
+
+
+def _peer_name(topology: Topology, peer: int) -> str:
+    if peer < len(topology.routes):
+        return f"device {peer}"
+    worker, slot = next(key for key, p in edge_peers(topology).items() if p == peer)
+    return f"{worker} (slot {slot})"
+
+
+# --- edge servers ---------------------------------------------------------------------------
+def host_edge(config: RunConfig, index: int) -> EdgeServer:
+    """Edge ``index``'s worker on a base model holding only its layers, with one slot per user cut it serves."""
+    if config.runtime.device_threads:
+        torch.set_num_threads(config.runtime.device_threads)
+    _, topology = run_topology(config)
+    name = f"{EDGE_TIER}{index}"
+    slots = topology.workers().get(name)
+    if not slots:
+        edges = sorted(w for w in topology.workers() if topology.tier_of(w) == EDGE_TIER)
+        raise ConfigError(f"--id {index}: this run has no {name}; its edge servers: {edges or 'none'}")
+    model = load_stage_model(str(prepare_model(config.model.source)),
+                             StageSpec(min(s.start for s in slots), max(s.end for s in slots), False, False))
+    family = family_for(model.config)
+    worker = StageWorker(name, config.train)
+    bounds = {}
+    for stage in slots:
+        adapter = f"{name}__{stage.slot}"
+        add_adapter(model, adapter, layout_config(family, adapter_layout(config, stage), config.lora.dropout))
+        worker.add_slot(stage.slot, Stage(model, StageSpec(stage.start, stage.end, False, False), family), adapter)
+        bounds[stage.slot] = replace(message_bounds(config),
+                                     adapter={k: tuple(v.shape) for k, v in get_adapter_state(model, adapter).items()},
+                                     merge_modules=merge_shapes(model, family, stage.layers, config.lora.targets))
+    edge = EdgeServer(index, worker, message_codec(config), message_bounds(config),
+                      {s.slot: set(topology.routes_of(s.key)) for s in slots})
+    peers = {slot: peer for (worker_name, slot), peer in edge_peers(topology).items() if worker_name == name}
+    edge.build_slots(peers, bounds, frozenset({"server", "aggregator", topology.aggregator}))
+    if config.runtime.trace_dir:
+        Path(config.runtime.trace_dir).mkdir(parents=True, exist_ok=True)
+        for endpoint in edge.slots.values():
+            endpoint.trace = Path(config.runtime.trace_dir) / f"{name}.jsonl"
+    return edge
+
+
+def run_edge(config: RunConfig, index: int, *, token: str | None = None) -> None:
+    """An edge server process: its layers, a gRPC server for its users (``runtime.edge_addresses[index]``),
+    and streams to the cloud (``runtime.address``) for each of its slots and each connected user. It
+    serves until the cloud stops every slot stream."""
+    runtime = config.runtime
+    edge = host_edge(config, index)
+    _, topology = run_topology(config)
+    token = token if token is not None else _edge_setting(config, runtime.edge_tokens, index, "edge_tokens")
+    address = _edge_setting(config, runtime.edge_addresses, index, "edge_addresses")
+    users = sorted(set().union(*edge.slot_routes.values()))
+    server = LinkServer(address, {u: runtime.tokens[u] for u in users}, transport_settings(runtime))
+    log.info("%s: layers %s, users %s, listening on %s (port %d), cloud %s", edge.name,
+             {s: (e.worker.slot(s).stage.spec.start, e.worker.slot(s).stage.spec.end)
+              for s, e in edge.slots.items()}, users, address, server.port, runtime.address)
+    stop = threading.Event()
+    codec = message_codec(config)
+    streams = [threading.Thread(target=keep_connected, daemon=True, name=f"{edge.name}-{slot}",
+                                args=(config, runtime.address, endpoint.id, token, f"{edge.name} slot {slot}",
+                                      lambda session, e=endpoint: serve_device(e, session, codec), endpoint.id))
+               for slot, endpoint in edge.slots.items()]
+    for thread in streams:
+        thread.start()
+    relays: dict[int, tuple[Session, threading.Thread]] = {}
+    try:
+        while any(thread.is_alive() for thread in streams):
+            for u in users:  # a user that (re)connected gets a stream to the cloud
+                session = server.session(u)
+                if session is not None and (u not in relays or relays[u][0] is not session):
+                    thread = threading.Thread(target=_relay_user, args=(config, edge, u, session, token, stop),
+                                              daemon=True, name=f"{edge.name}-user{u}")
+                    thread.start()
+                    relays[u] = (session, thread)
+            time.sleep(0.1)
+        for _, thread in relays.values():  # the cloud's stop reaches the users through their relays
+            thread.join(timeout=10)
+    finally:
+        stop.set()
+        server.stop()
+
+
+def _relay_user(config: RunConfig, edge: EdgeServer, user: int, session: Session, token: str,
+                stop: threading.Event) -> None:
+    """Relay the cloud's requests for ``user`` to it (``EdgeServer.relay``) while its session lasts; the cloud's
+    stop ends it. A lost cloud connection is redialed; a user that left closes its stream at the cloud."""
+    timeout = config.runtime.request_timeout_s
+    send = lambda message: session.request(message, timeout)  # noqa: E731
+
+    def serve_session(cloud: Session) -> bool:
+        try:
+            while not session.closed.is_set():
+                try:
+                    message, _, request_id = cloud.receive(timeout=0.5)
+                except DeviceLost:
+                    if cloud.closed.is_set():
+                        return False
+                    continue
+                if message.kind == "error" or is_stop(message):
+                    session.send(message)  # a notice: nothing comes back
+                    if is_stop(message):
+                        return True
+                    continue
+                try:
+                    reply = edge.relay(user, message, send)
+                except MessageError as error:
+                    reply = Message("error", edge.name, message.round, message.step,
+                                    values={"reason": f"{edge.name}: {str(error)[:400]}"})
+                cloud.send(reply, reply_to=request_id)
+            return True  # the user left: its stream at the cloud closes
+        except DeviceLost:  # the user left while a request was relayed
+            return True
+        finally:
+            cloud.close("the user left" if session.closed.is_set() else "relay ended")
+            edge.forget(user)
+
+    try:
+        keep_connected(config, config.runtime.address, user, token, f"{edge.name} relay of user {user}",
+                       serve_session, seed=user, stop=stop)
+    except (UnreachableError, RefusedError) as error:
+        log.warning("%s", error)
+        session.close(str(error))
 
 
 # --- Ray ------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class SplitProtocol(Protocol):
                 delivered = self.net.carry(self.topo.routes[u].hops[0].reverse(), u, "down", message)
                 acks.append((u, handle.apply(stage.slot, delivered, lr)))
             server_steps += [(s, scale) for s in slots]
-        applied = [(s, self.workers[s.worker].apply(s.slot, Message("clip_scale", s.worker, round_index, step,
+        applied = [(s, self.workers[s.worker].apply(s.slot, Message("clip_scale", self.topo.aggregator, round_index, step,
                                                                      values={"scale": scale}), lr))
                    for s, scale in server_steps]  # remote stages (edges) step at the same time
         for s, reply in applied:

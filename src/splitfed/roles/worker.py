@@ -289,7 +289,8 @@ class StageWorker:
     def upload(self, slot_name: str | None, round_index: int) -> Message:
         slot = self.slot(slot_name)
         state = get_adapter_state(slot.stage.model, slot.adapter)
-        return Message("adapter_upload", self.name, round_index, 0, state, {"num_samples": slot.num_samples})
+        weight = {"num_samples": slot.num_samples} if slot.stream is not None else {}  # a first stage's sample weight
+        return Message("adapter_upload", self.name, round_index, 0, state, weight)
 
     def download(self, slot_name: str | None, message: Message) -> None:
         slot = self.slot(slot_name)

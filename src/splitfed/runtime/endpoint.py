@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +52,13 @@ class HostedDevice:
     layout: AdapterLayout | None = None
     """The device's adapter layout (its targets; a placement the server may change with ``relayout``)."""
     dropout: float = 0.0
+    slot: str | None = None
+    """The worker's slot this stream serves (an edge serves each of its slots on a stream of its own);
+    None: the worker's only slot."""
+    operations: dict[str, Callable[[Message], Message]] = field(default_factory=dict, compare=False)
+    """Operations beyond a device's (an edge's ``forward_group`` and ``backward_group``), by name."""
+    guard: AbstractContextManager = field(default_factory=nullcontext, compare=False)
+    """Held while a request runs: streams of one process that share a model take turns."""
 
     @property
     def name(self) -> str:
@@ -65,7 +74,7 @@ class HostedDevice:
 
 
 OPERATIONS = {"activation_grad": "backward", "clip_scale": "apply", "adapter_download": "download",
-              "adapter_merge": "merge", "role_state": "import_state"}
+              "adapter_merge": "merge", "role_state": "import_state", "group_grad": "backward_group"}
 """What a request of each data kind asks the worker to do (a ``call`` names its op itself)."""
 
 
@@ -77,40 +86,42 @@ def operation(message: Message) -> str:
 
 def handle(device: HostedDevice, message: Message, codec: MessageCodec) -> Message:
     """The reply to one (unpacked) request."""
-    r, s, name, worker = message.round, message.step, device.name, device.worker
+    r, s, name, worker, slot = message.round, message.step, device.name, device.worker, device.slot
     op = operation(message)
+    if op in device.operations:
+        return device.operations[op](message)
     if op == "forward":
-        return worker.forward(None, r, s)
+        return worker.forward(slot, r, s)
     if op == "backward":
-        return worker.backward(None, message)
+        return worker.backward(slot, message)
     if op == "apply":
-        worker.apply(None, float(message.values["scale"]), float(message.values["lr"]))
+        worker.apply(slot, float(message.values["scale"]), float(message.values["lr"]))
         return Message("ack", name, r, s)
     if op == "local_step":
-        loss, tokens = worker.local_step(None, float(message.values["lr"]))
+        loss, tokens = worker.local_step(slot, float(message.values["lr"]))
         return Message("ack", name, r, s, values={"loss": loss, "tokens": tokens})
     if op == "upload":
-        return worker.upload(None, r)
+        return worker.upload(slot, r)
     if op == "download":
-        worker.download(None, message)
+        worker.download(slot, message)
         return Message("ack", name, r, s)
     if op == "merge":
-        worker.merge(None, message)
+        worker.merge(slot, message)
         return Message("ack", name, r, s)
     if op == "measure_importance":
-        worker.measure_importance(None, list(device.layout.targets), int(message.values.get("passes", 1)))
+        worker.measure_importance(slot, list(device.layout.targets), int(message.values.get("passes", 1)))
         return Message("ack", name, r, s)
     if op == "importance":
-        return worker.importance(None, r)
+        return worker.importance(slot, r)
     if op == "relayout":
         layout = requested_layout(device, str(message.values.get("placement", "{}")))
-        worker.relayout(None, layout, device.dropout)
+        worker.relayout(slot, layout, device.dropout)
         device.layout = layout
         device.bounds = replace(device.bounds, adapter={k: tuple(v.shape) for k, v in
-                                                        get_adapter_state(worker.slot(None).stage.model, name).items()})
+                                                        get_adapter_state(worker.slot(slot).stage.model, name).items()})
         return Message("ack", name, r, s)
     if op == "export_state":
-        tensors, meta = worker.export_state()
+        tensors, meta = worker.export_state([slot] if slot else None)
         tensors.update({CODEC_STATE + k: v for k, v in codec.export_state(device.id).items()})
         return Message("role_state", name, r, s, tensors, {"meta": json.dumps(meta)})
     if op == "import_state":
@@ -128,7 +139,7 @@ def requested_layout(device: HostedDevice, placement: str) -> AdapterLayout:
     """The layout a ``relayout`` request asks for: ``{"<layer>.<module path>": rank}``, every matrix one of
     this device's target modules, every rank an integer in 1 .. the largest rank allowed; else MessageError."""
     ranks = json.loads(placement)  # a JSON object: the schema checked it
-    known, prefix = device.bounds.merge_modules or {}, device.worker.slot(None).stage.family.layers_path + "."
+    known, prefix = device.bounds.merge_modules or {}, device.worker.slot(device.slot).stage.family.layers_path + "."
     chosen = []
     for matrix, rank in ranks.items():
         layer, _, path = matrix.partition(".")
@@ -146,7 +157,7 @@ def is_stop(message: Message) -> bool:
     return message.kind == "call" and message.values.get("op") == "stop"
 
 
-REQUESTS = ("activation_grad", "clip_scale", "adapter_download", "adapter_merge", "call", "role_state")
+REQUESTS = ("activation_grad", "clip_scale", "adapter_download", "adapter_merge", "call", "role_state", "group_grad")
 """Kinds the server sends a device as requests (an ``error`` is a notice that needs no answer)."""
 
 
@@ -159,10 +170,10 @@ def checked_request(device: HostedDevice, message: Message, codec: MessageCodec)
                            f"{sorted(device.servers)}")
     dense = codec.unpack(device.id, message)
     bounds = device.bounds
-    if message.kind == "activation_grad":
-        pending = next(iter(device.worker.slots.values())).pending
+    if message.kind in ("activation_grad", "group_grad"):
+        pending = device.worker.slot(device.slot).pending
         if pending is None:
-            raise MessageError("activation_grad without a pending forward pass")
+            raise MessageError(f"{message.kind} without a pending forward pass")
         bounds = replace(bounds, batch=int(pending.outputs.shape[0]))
     return check(dense, bounds)
 
@@ -178,7 +189,8 @@ def respond(device: HostedDevice, message: Message, codec: MessageCodec) -> Mess
         if is_stop(request):
             return None
         started = time.time()
-        reply = handle(device, request, codec)
+        with device.guard:
+            reply = handle(device, request, codec)
         device.record(operation(message), message, started, time.time())
         return codec.pack("up", device.id, reply)
     except Exception as error:  # noqa: BLE001 - whatever a request makes the worker raise, the device answers

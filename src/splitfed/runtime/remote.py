@@ -196,7 +196,16 @@ class RemoteWorker:
         return Reply(result)
 
     def upload(self, slot: str, round_index: int) -> Reply[Message]:
-        return self._request(self._call("upload", round_index), "adapter_upload", adapter=True)
+        reply = self._request(self._call("upload", round_index), "adapter_upload", adapter=True)
+        if not self.coded:  # a middle stage's adapter carries no sample weight
+            return reply
+
+        def result() -> Message:
+            if "num_samples" not in reply.result().values:
+                self._refuse(reply.result(), "a device's adapter_upload must carry num_samples")
+            return reply.result()
+
+        return Reply(result)
 
     def download(self, slot: str, message: Message) -> Reply[None]:
         if self.bounds.adapter is None:  # the device's own slice of the global adapter: its exact shapes

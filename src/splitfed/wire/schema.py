@@ -133,8 +133,8 @@ SCHEMAS: dict[str, Schema] = {
     "grad_norm": Schema(required={"sq_norm": NON_NEGATIVE}),
     # server -> every stage: factor to multiply the gradients by before the optimizer step (and the learning rate)
     "clip_scale": Schema(required={"scale": ValueSpec(float, high=1.0)}, optional={"lr": NON_NEGATIVE}),
-    # device -> aggregator: local adapter after the round, with its sample weight
-    "adapter_upload": Schema(_adapter, required={"num_samples": ValueSpec(int, low=1, high=MAX_INDEX)}),
+    # a stage -> aggregator: local adapter after the round; a first stage adds its sample weight
+    "adapter_upload": Schema(_adapter, optional={"num_samples": ValueSpec(int, low=1, high=MAX_INDEX)}),
     # aggregator -> device: global adapter slice for the next round
     "adapter_download": Schema(_adapter),
     # aggregator -> every role holding the layers: the merges since its last, to add to its base weights
