@@ -210,15 +210,19 @@ def device(
     device_id: Annotated[int, typer.Option("--id", help="This device's id (0-based).")],
     address: Annotated[Optional[str], typer.Option(help="Server address (default runtime.address).")] = None,
     token: Annotated[Optional[str], typer.Option(help="This device's token (default runtime.tokens[id]).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Train on every row of this .jsonl/.txt file or "
+                                                 "directory (the device's own data) instead of its partition of "
+                                                 "data.source.")] = None,
     set_: SetOption = None,
 ) -> None:
-    """Start one device process: it loads only its own stage and data, and trains with the server."""
+    """Start one device process: it loads only its own stage and data, and trains with the server (or its edge)."""
     from splitfed.config import load_config
     from splitfed.deploy import run_device
 
     _log_to_stderr()
     with user_errors():
-        run_device(load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""]), device_id, address=address, token=token)
+        run_device(load_config(config, [*(set_ or []), "runtime.kind=\"grpc\""]), device_id, address=address, token=token,
+                   data_path=None if data is None else str(data))
 
 
 @app.command()

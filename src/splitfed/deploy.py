@@ -25,6 +25,8 @@ import torch
 from splitfed.adapters.lora import add_adapter, get_adapter_state, layout_config
 from splitfed.adapters.merge import merge_shapes
 from splitfed.config import ConfigError, RunConfig, RuntimeSection, parse_config
+from splitfed.data.partition import local_dataset
+from splitfed.data.sources import load_documents
 from splitfed.models.families import family_for, num_layers
 from splitfed.models.loading import load_model_config, load_stage_model, load_tokenizer, prepare_model
 from splitfed.models.split import Stage, StageSpec
@@ -55,31 +57,43 @@ log = logging.getLogger("splitfed.deploy")
 
 
 # --- building what a process hosts ----------------------------------------------------------
-def run_topology(config: RunConfig) -> tuple[ValidatedRun, Topology]:
-    """The run's plan and the topology its protocol declares (no weights loaded)."""
-    plan = plan_run(config)
+def run_topology(config: RunConfig, with_data: bool = False) -> tuple[ValidatedRun, Topology]:
+    """The run's plan (its data only ``with_data``) and the topology its protocol declares (no weights loaded)."""
+    plan = plan_run(config, with_data=with_data)
     total = num_layers(load_model_config(config.model.source))
     return plan, protocol_class(config.protocol).topology(config, plan.cuts, total)
 
 
-def host_devices(config: RunConfig, devices: list[int]) -> dict[int, HostedDevice]:
-    """The first-stage workers of ``devices`` on one base model holding only the layers they run."""
+def host_devices(config: RunConfig, devices: list[int], data_path: str | None = None) -> dict[int, HostedDevice]:
+    """The first-stage workers of ``devices`` on one base model holding only the layers they run; each reads
+    its partition of the run's data, or (one device) every row of ``data_path``, its own data."""
     if config.runtime.device_threads:
         torch.set_num_threads(config.runtime.device_threads)
-    plan, topology = run_topology(config)
+    if data_path is not None and len(devices) != 1:
+        raise ConfigError("a data path of its own is for one device")
+    plan, topology = run_topology(config, with_data=data_path is None)
     model_dir = str(prepare_model(config.model.source))
     stages = {u: topology.routes[u].first for u in devices}
     cover = StageSpec(0, max(s.end for s in stages.values()), first=True, last=any(s.last for s in stages.values()))
     model = load_stage_model(model_dir, cover)
     family = family_for(model.config)
-    data = build_data(plan, load_tokenizer(config.model.source))
+    tokenizer = load_tokenizer(config.model.source)
+    if data_path is None:
+        train = build_data(plan, tokenizer).train
+    else:
+        try:
+            own = local_dataset(load_documents(data_path, setting="--data"), tokenizer, config.train.seq_len,
+                                config.data.truncation, config.data.template)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        train = {devices[0]: own}
     hosted = {}
     for u, stage in stages.items():
         torch.manual_seed(derive_seed(config.seed, Purpose.ADAPTER_INIT, u))  # overwritten by the first download
         add_adapter(model, stage.worker, layout_config(family, adapter_layout(config, stage), config.lora.dropout))
         worker = StageWorker(stage.worker, config.train)
         spec = StageSpec(stage.start, stage.end, stage.first, stage.last)
-        worker.add_slot(stage.slot, Stage(model, spec, family), stage.worker, data.train[u],
+        worker.add_slot(stage.slot, Stage(model, spec, family), stage.worker, train[u],
                         derive_seed(config.seed, Purpose.BATCHES, u))
         trace = None
         if config.runtime.trace_dir:
@@ -147,12 +161,14 @@ def serve(config: RunConfig, out: Path, *, progress: bool = True, resume: bool =
         server.stop()
 
 
-def run_device(config: RunConfig, device: int, *, address: str | None = None, token: str | None = None) -> None:
-    """A device process: its stage weights, its data, its adapter; serves until the server stops it.
-    It dials the server, or its edge server when its route passes one (``runtime.edge_addresses``)."""
+def run_device(config: RunConfig, device: int, *, address: str | None = None, token: str | None = None,
+               data_path: str | None = None) -> None:
+    """A device process: its stage weights, its data (its partition, or every row of ``data_path``), its
+    adapter; serves until the server stops it. It dials the server, or its edge server when its route
+    passes one (``runtime.edge_addresses``)."""
     if not 0 <= device < config.devices.count:
         raise ConfigError(f"--id {device}: allowed 0..{config.devices.count - 1} (devices.count={config.devices.count})")
-    hosted = host_devices(config, [device])[device]
+    hosted = host_devices(config, [device], data_path)[device]
     codec = message_codec(config)
     token = token if token is not None else config.runtime.tokens[device]
     address = address or device_address(config, run_topology(config)[1], device)
@@ -346,6 +362,18 @@ def _relay_user(config: RunConfig, edge: EdgeServer, user: int, session: Session
 
 
 # --- Ray ------------------------------------------------------------------------------------
+def _edge_actors(tree: dict, topology: Topology, users: dict[int, ray.actor.ActorHandle]) -> dict[int, ray.actor.ActorHandle]:
+    """One EdgeHost actor per edge worker of ``topology``; the actor each stream reaches: an edge's slot
+    streams and its users' streams (which it relays to their host actors) both reach that edge."""
+    reach = {}
+    for worker in sorted(w for w in topology.workers() if topology.tier_of(w) == EDGE_TIER):
+        routes = {u for s in topology.workers()[worker] for u in topology.routes_of(s.key)}
+        actor = EdgeHost.options(num_cpus=0, max_concurrency=len(routes) + 8).remote(
+            tree, edge_index(worker), {u: users[u] for u in routes})
+        reach.update({u: actor for u in routes})
+        reach.update({peer: actor for (w, _), peer in edge_peers(topology).items() if w == worker})
+    return reach
+
 @ray.remote
 class DeviceHost:
     """One process hosting several devices; answers encoded requests with encoded replies."""
@@ -365,6 +393,47 @@ class DeviceHost:
         return b"" if reply is None else encode(reply)
 
 
+@ray.remote
+class EdgeHost:
+    """An edge server in a Ray actor: its slots' endpoints, and the relay to its users' host actors.
+    Threaded (``max_concurrency``): relays to different users and the slot streams run at the same time."""
+
+    def __init__(self, config_tree: dict, index: int, users: dict[int, ray.actor.ActorHandle]) -> None:
+        config = parse_config(config_tree)
+        self.edge = host_edge(config, index)
+        self.codec = message_codec(config)
+        self.users = users
+        self.slots = {endpoint.id: endpoint for endpoint in self.edge.slots.values()}
+        self.timeout_s = config.runtime.request_timeout_s
+
+    def call(self, peer: int, payload: bytes) -> bytes:
+        """A request of the cloud on stream ``peer``: one of the edge's slots, or a user it relays."""
+        try:
+            request = decode(payload)
+        except MessageError as error:
+            return encode(Message("error", self.edge.name, 0, 0, values={"reason": str(error)[:500]}))
+        if peer in self.slots:
+            reply = respond(self.slots[peer], request, self.codec)
+            return b"" if reply is None else encode(reply)
+        if request.kind == "error" or is_stop(request):  # a notice for the user: nothing comes back
+            self.users[peer].call.remote(peer, payload)
+            return b""
+        try:
+            reply = self.edge.relay(peer, request, lambda message: self._send(peer, message))
+        except (MessageError, DeviceLost) as error:
+            reply = Message("error", self.edge.name, request.round, request.step,
+                            values={"reason": f"{self.edge.name}: {str(error)[:400]}"})
+        return encode(reply)
+
+    def _send(self, user: int, message: Message) -> tuple[Message, int, int]:
+        data = encode(message)
+        try:
+            reply = ray.get(self.users[user].call.remote(user, data), timeout=self.timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as error:
+            raise DeviceLost(f"user {user}: {error}") from None
+        return decode(reply), len(data), len(reply)
+
+
 def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: bool = False,
                resume_from: str | None = None, overwrite: bool = False) -> dict:
     """Run an experiment whose devices are Ray actors; returns the run summary.
@@ -382,7 +451,9 @@ def run_on_ray(config: RunConfig, out: Path, *, progress: bool = True, resume: b
         assignment = {h: [u for u in range(count) if u % hosts_wanted == h] for h in range(hosts_wanted)}
         tree = config.to_tree()
         actors = {h: DeviceHost.options(num_cpus=0).remote(tree, devices) for h, devices in assignment.items()}
-        transport = RayTransport({u: actors[h] for h, devices in assignment.items() for u in devices})
+        reach = {u: actors[h] for h, devices in assignment.items() for u in devices}
+        reach.update(_edge_actors(tree, run_topology(config)[1], dict(reach)))
+        transport = RayTransport(reach)
         remote = remote_devices(config, transport)
         log.info("%d devices on %d Ray host actors", count, len(actors))
         try:

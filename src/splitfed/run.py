@@ -43,8 +43,9 @@ class ValidatedRun:
     """``data.eval_source``'s documents, when set: the only eval data."""
 
 
-def plan_run(config: RunConfig) -> ValidatedRun:
-    """Validate model, cuts and data against each other; raise before loading any weights."""
+def plan_run(config: RunConfig, *, with_data: bool = True) -> ValidatedRun:
+    """Validate model, cuts and data against each other; raise before loading any weights.
+    ``with_data=False``: model and cuts only (a process that never reads the run's data: an edge)."""
     try:
         model_config = load_model_config(config.model.source)
     except ValueError as error:
@@ -52,6 +53,8 @@ def plan_run(config: RunConfig) -> ValidatedRun:
     _check_targets(config, model_config)
     cuts = protocol_class(config.protocol).resolve_cuts(config, model_config)
     eval_source = config.data.eval_source
+    if not with_data:
+        return ValidatedRun(config, cuts, [])
     try:
         documents = load_documents(config.data.source, config.data.documents or None)
         eval_documents = None if eval_source is None else load_documents(eval_source, setting="data.eval_source")

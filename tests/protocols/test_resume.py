@@ -12,11 +12,13 @@ from splitfed.run import run
 from tests.conftest import tiny_run_config
 
 
-@pytest.mark.parametrize("protocol", ["sfl", "memsfl", "fedlora"])
+@pytest.mark.parametrize("protocol", ["sfl", "memsfl", "fedlora", "splitllm"])
 def test_resume_matches_uninterrupted_run(tiny_llama_dir, corpus_dir, tmp_path, protocol):
     def config(rounds: int):
+        three_tier = {"splitllm": {"edges": 2, "cloud_cut": 4}} if protocol == "splitllm" else {}
         return tiny_run_config(tiny_llama_dir, corpus_dir, protocol, devices={"count": 3, "cuts": [2] if protocol == "sfl" else [1, 3]},
-                               train={"rounds": rounds, "local_steps": 2, "devices_per_round": 2})
+                               train={"rounds": rounds, "local_steps": 2, "devices_per_round": 0 if three_tier else 2},
+                               **three_tier)
 
     run(config(3), tmp_path / "whole", progress=False)
     run(config(2), tmp_path / "resumed", progress=False)  # "crashes" after round 2 of 3

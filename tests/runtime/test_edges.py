@@ -48,7 +48,9 @@ def _forward_group_windows(trace_dir) -> dict[tuple[int, int], list[tuple[float,
 def test_edge_processes_match_in_process_and_run_in_parallel(tiny_llama_dir, corpus_dir, tmp_path):
     config_path = tmp_path / "config.toml"
     trace = tmp_path / "trace"
-    write_three_tier(config_path, tiny_llama_dir, corpus_dir)
+    # the users' codecs (and error feedback of the gradients they are sent) run at the edges
+    write_three_tier(config_path, tiny_llama_dir, corpus_dir, '[compression]\nactivations = "topk:0.5 > quant:8"\n'
+                     'gradients = "quant:8"\nerror_feedback = true\n')
     # longer sequences and batches: an edge's forward (~50 ms) outlasts the spread of the requests' arrival
     config_path.write_text(config_path.read_text().replace("seq_len = 32", "seq_len = 128")
                            .replace("batch_size = 4", "batch_size = 12")
@@ -132,3 +134,24 @@ def test_edge_refuses_a_user_with_a_wrong_token(tiny_llama_dir, corpus_dir, tmp_
         assert "refused" in user.stderr and "wrong token for device 0" in user.stderr, user.stderr[-2000:]
     finally:
         edge.kill()
+
+
+def test_each_process_reads_only_what_it_needs(tiny_llama_dir, corpus_dir, tmp_path):
+    """An edge loads only its layers and no data; a user with ``--data`` reads only that file (the run's
+    data.source may not even exist on its machine)."""
+    from splitfed.deploy import host_devices, host_edge
+
+    config_path = tmp_path / "config.toml"
+    write_three_tier(config_path, tiny_llama_dir, corpus_dir)
+    elsewhere = load_config(config_path, [f'data.source="{tmp_path / "not-on-this-machine"}"'])
+    edge = host_edge(elsewhere, 1)
+    model = next(iter(edge.worker.slots.values())).stage.model
+    real = {name.split(".")[2] for name, p in model.named_parameters() if p.device.type != "meta" and ".layers." in name}
+    assert real == {"2", "3"}  # its users (1, 3) have cut 2, the cloud starts at 4: the edge holds layers 2-3 only
+    assert not any(p.device.type != "meta" for name, p in model.named_parameters() if "embed" in name)
+
+    own = tmp_path / "mine.txt"
+    own.write_text("My own words, never seen by the server. " * 30)
+    user = host_devices(elsewhere, [1], data_path=str(own))[1]
+    slot = next(iter(user.worker.slots.values()))
+    assert 0 < slot.num_samples < len(own.read_text()) // 32 + 2  # the rows of its file, nothing else

@@ -46,3 +46,19 @@ def test_ray_hsplitlora_with_sampled_devices_matches_in_process(tiny_llama_dir, 
     assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
     assert remote["configurations"] == local["configurations"]
     assert remote["export"]["adapter_eval_loss"] == pytest.approx(local["export"]["adapter_eval_loss"], rel=1e-5)
+
+
+def test_ray_three_tiers_match_in_process(tiny_llama_dir, corpus_dir, tmp_path):
+    """Edges are Ray actors that relay to their users' host actors and keep their activations."""
+    sections = dict(devices={"count": 4, "cuts": [1, 2]}, data={"partition": "iid"},
+                    train={"rounds": 2, "local_steps": 2}, splitllm={"edges": 2, "cloud_cut": 4},
+                    compression={"activations": "quant:8", "error_feedback": True})
+    local = run(tiny_run_config(tiny_llama_dir, corpus_dir, "splitllm", **sections), tmp_path / "inproc", progress=False)
+    config = tiny_run_config(tiny_llama_dir, corpus_dir, "splitllm", runtime={"kind": "ray", "ray_hosts": 2}, **sections)
+    remote = run_on_ray(config, tmp_path / "ray", progress=False)
+    local_adapter = load_file(tmp_path / "inproc" / "adapter" / "adapter_model.safetensors")
+    remote_adapter = load_file(tmp_path / "ray" / "adapter" / "adapter_model.safetensors")
+    for key in local_adapter:
+        torch.testing.assert_close(remote_adapter[key], local_adapter[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
+    assert remote["peak_mem_edge_bytes"] == local["peak_mem_edge_bytes"] > 0

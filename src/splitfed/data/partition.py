@@ -130,6 +130,17 @@ def _tokenize_all(documents: list[Document], tokenizer: Any, seq_len: int, trunc
     return datasets, flags, counts
 
 
+def local_dataset(documents: list[Document], tokenizer: Any, seq_len: int, truncation: str = "keep_end",
+                  template: str = "plain") -> TokenDataset:
+    """Every row of ``documents`` as one device's training data (a real deployment's own files; the
+    server evaluates on its own data)."""
+    datasets, _, _ = _tokenize_all(documents, tokenizer, seq_len, truncation, template)
+    data = TokenDataset.concat(datasets)
+    if len(data) == 0:
+        raise DataError(f"no training rows in the device's data at train.seq_len = {seq_len}")
+    return data
+
+
 def build_federated_data(documents: list[Document], tokenizer: Any, *, num_devices: int, seq_len: int,
                          partition: str, dirichlet_alpha: float, eval_fraction: float, eval_chunks: int,
                          max_train_chunks_per_device: int, seed: int, truncation: str = "keep_end",

@@ -66,7 +66,8 @@ class EdgeServer:
         for slot, peer in peers.items():
             routes = self.slot_routes[slot]
             slot_bounds = replace(bounds[slot], max_batch=bounds[slot].max_batch * len(routes))
-            endpoint = HostedDevice(peer, self.worker, slot_bounds, servers, slot=slot, guard=self.compute)
+            endpoint = HostedDevice(peer, self.worker, slot_bounds, servers, slot=slot, guard=self.compute,
+                                    coded=False)
             endpoint.operations = {"forward_group": lambda m, s=slot: self.forward_group(s, m),
                                    "backward_group": lambda m, s=slot: self.backward_group(s, m)}
             self.slots[slot] = endpoint

@@ -59,6 +59,8 @@ class HostedDevice:
     """Operations beyond a device's (an edge's ``forward_group`` and ``backward_group``), by name."""
     guard: AbstractContextManager = field(default_factory=nullcontext, compare=False)
     """Held while a request runs: streams of one process that share a model take turns."""
+    coded: bool = True
+    """Its messages pass the run's codecs (a device's access hop); an edge's slot streams (backhaul) do not."""
 
     @property
     def name(self) -> str:
@@ -168,7 +170,7 @@ def checked_request(device: HostedDevice, message: Message, codec: MessageCodec)
     if message.sender not in device.servers:
         raise MessageError(f"sender {shown(message.sender, 40)} is not one of the server's roles "
                            f"{sorted(device.servers)}")
-    dense = codec.unpack(device.id, message)
+    dense = codec.unpack(device.id, message) if device.coded else message
     bounds = device.bounds
     if message.kind in ("activation_grad", "group_grad"):
         pending = device.worker.slot(device.slot).pending
@@ -192,7 +194,7 @@ def respond(device: HostedDevice, message: Message, codec: MessageCodec) -> Mess
         with device.guard:
             reply = handle(device, request, codec)
         device.record(operation(message), message, started, time.time())
-        return codec.pack("up", device.id, reply)
+        return codec.pack("up", device.id, reply) if device.coded else reply
     except Exception as error:  # noqa: BLE001 - whatever a request makes the worker raise, the device answers
         text = str(error) if isinstance(error, MessageError) else shown(str(error), 300)
         return refusal(device, f"{message.kind} request failed: {text}"[:500], message.round, message.step)
