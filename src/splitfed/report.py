@@ -91,10 +91,13 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> None:
            integer_x=False)
 
     tiers = [k[len("peak_mem_"):-len("_bytes")] for k in summary if k.startswith("peak_mem_") and k.endswith("_bytes")]
+    if summary.get("peak_mem_server_total_bytes") == summary.get("peak_mem_server_bytes"):
+        tiers = [t for t in tiers if t != "server_total"]  # one server-side worker: the sum is its peak
+    names = {"device": "device\n(max)", "edge": "edge\n(max)", "server_total": "server side\n(sum)",
+             "server": "server side\n(max)" if "edge" in tiers or "server_total" in tiers else "server"}
 
     def draw_memory(ax) -> None:
-        bars = ax.bar([f"{t} (max)" if t == "device" else t for t in tiers],
-                      [summary[f"peak_mem_{t}_bytes"] / MB for t in tiers])
+        bars = ax.bar([names.get(t, t) for t in tiers], [summary[f"peak_mem_{t}_bytes"] / MB for t in tiers])
         ax.bar_label(bars, fmt="%.1f", padding=2)
         ax.margins(y=0.15)
 
@@ -129,6 +132,10 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
         ("trainable params device / server", f"{summary['trainable_params_device']:,} / {summary['trainable_params_server']:,}"),
         ("wall time", f"{summary['wall_s']:.0f} s"),
     ]
+    if "peak_mem_edge_bytes" in summary:  # three tiers: each edge and the cloud are machines of their own
+        rows.insert(6, ("peak memory edge / cloud / all servers",
+                        f"{summary['peak_mem_edge_bytes'] / MB:.0f} MB / {summary['peak_mem_cloud_bytes'] / MB:.0f} MB / "
+                        f"{summary['peak_mem_server_total_bytes'] / MB:.0f} MB"))
     export = summary.get("export")
     if export:
         rows.append(("exported adapter", f"rank {export['adapter_rank']}: relative error "

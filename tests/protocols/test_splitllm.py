@@ -78,3 +78,15 @@ def test_cloud_lora_per_edge_and_shared(tiny_llama_dir, corpus_dir):
 def test_bad_configs_name_the_field(tiny_llama_dir, corpus_dir, sections, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         plan_run(_splitllm(tiny_llama_dir, corpus_dir, **sections))
+
+
+def test_backhaul_latency_prices_the_edge_cloud_hop(tiny_llama_dir, corpus_dir, tmp_path):
+    """Every step sends activations edge -> cloud and gradients back over the backhaul, one after the other:
+    a latency of 50 ms adds 100 ms per step, plus at most 100 ms per round for the adapters."""
+    sims = {}
+    for latency in (0.0, 50.0):
+        config = _splitllm(tiny_llama_dir, corpus_dir, splitllm={"edges": 2, "cloud_cut": 4},
+                           system={"backhaul_latency_ms": latency}, data={"partition": "iid"})
+        sims[latency] = run(config, tmp_path / str(latency), progress=False)["sim_s"]
+    steps, rounds = config.train.rounds * config.train.local_steps, config.train.rounds
+    assert 0.1 * steps - 1e-6 <= sims[50.0] - sims[0.0] <= 0.1 * steps + 0.1 * rounds + 1e-6

@@ -125,10 +125,15 @@ class Protocol(ABC):
         return "fifo"
 
     @classmethod
+    def routes_per_round(cls, config: RunConfig) -> int:
+        """How many routes train in one round."""
+        return config.participants_per_round
+
+    @classmethod
     def predicted_memory(cls, config: RunConfig, model_config: PretrainedConfig, cuts: list[int]) -> dict[str, int]:
         """Predicted peak bytes of the largest device and server-side worker (``system.clock``)."""
         topology = cls.topology(config, cuts, num_layers(model_config))
-        return predicted_memory(config, model_config, topology, cls.serves_together(config))
+        return predicted_memory(config, model_config, topology, cls.serves_together(config), cls.routes_per_round(config))
 
     @classmethod
     def groups(cls, config: RunConfig, clock: Clock, participants: list[int], step_index: int) -> list[list[int]]:

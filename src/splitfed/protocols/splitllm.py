@@ -107,6 +107,10 @@ class SplitLLM(SplitProtocol):
             )))
         return Topology(tuple(routes), aggregator="cloud")
 
+    @classmethod
+    def routes_per_round(cls, config: RunConfig) -> int:
+        return config.options.edges
+
     def participants(self, round_index: int) -> list[int]:
         """One user per edge: each edge's users in turn (or in a seeded random order per cycle)."""
         chosen = []

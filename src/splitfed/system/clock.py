@@ -264,12 +264,13 @@ class Clock:
 
 
 def predicted_memory(
-    config: RunConfig, model_config: PretrainedConfig, topology: Topology, together: bool
+    config: RunConfig, model_config: PretrainedConfig, topology: Topology, together: bool, per_round: int
 ) -> dict[str, int]:
     """Predicted peak bytes of the largest first-stage worker and of the largest server-side worker.
 
     ``together``: the routes of a round are served as one group (slots' activations coexist,
     a shared slot trains on all of the round's batches at once); else one at a time.
+    ``per_round``: routes that train in one round.
     """
     costs = layer_costs(model_config, config.lora.targets)
     total = num_layers(model_config)
@@ -281,7 +282,6 @@ def predicted_memory(
             stage_memory(costs, stage.end - stage.start, stage.rank, batch, seq, True, stage.last).total)
     device = max(firsts["device"])
     servers = [int(m) for m in firsts["server"]]
-    per_round = config.participants_per_round
     first_workers = {r.first.worker for r in topology.routes}
     for worker, slots in topology.workers().items():
         if worker in first_workers or not all(s.last for s in slots):
