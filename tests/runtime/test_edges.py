@@ -5,6 +5,7 @@ run in parallel; a killed edge drops with its users and rejoins; an edge refuses
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -155,3 +156,33 @@ def test_each_process_reads_only_what_it_needs(tiny_llama_dir, corpus_dir, tmp_p
     user = host_devices(elsewhere, [1], data_path=str(own))[1]
     slot = next(iter(user.worker.slots.values()))
     assert 0 < slot.num_samples < len(own.read_text()) // 32 + 2  # the rows of its file, nothing else
+
+
+def test_cloud_killed_after_round_two_resumes_with_its_edges_to_the_same_adapters(tiny_llama_dir, corpus_dir, tmp_path):
+    """The edges and users redial the restarted cloud, which restores every slot's state on the edges."""
+    config_path = tmp_path / "config.toml"
+    write_three_tier(config_path, tiny_llama_dir, corpus_dir)
+    out = tmp_path / "run"
+    processes = [*start_edges(config_path).values(), *start_devices(config_path, USERS)]
+
+    def start_cloud(*extra: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "splitfed.cli", "serve", str(config_path), "--out", str(out), "--quiet",
+                   "--set", "train.rounds=4", *extra]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    cloud = start_cloud()
+    try:
+        latest = out / "checkpoints" / "latest"
+        _wait_until(lambda: latest.exists() and latest.read_text().strip() == "round-0001", 300, "round 2 checkpoint")
+        cloud.send_signal(signal.SIGKILL)
+        cloud.wait(timeout=30)
+        cloud = start_cloud("--resume")
+        assert cloud.wait(timeout=300) == 0, cloud.stderr.read().decode()[-3000:]
+        for process in processes:
+            assert process.wait(timeout=60) == 0, process.stderr.read().decode()[-2000:]
+    finally:
+        for process in [cloud, *processes]:
+            process.kill()
+    uninterrupted = tmp_path / "whole"
+    run(load_config(config_path, ["train.rounds=4"]), uninterrupted, progress=False)
+    assert_same_adapters(out, uninterrupted)
