@@ -175,11 +175,11 @@ def run_device(config: RunConfig, device: int, *, address: str | None = None, to
     slot = next(iter(hosted.worker.slots.values()))
     log.info("device %d: layers %d..%d, %d training sequences, dialing %s", device, slot.stage.spec.start,
              slot.stage.spec.end - 1, slot.num_samples, address)
-    keep_connected(config, address, device, token, f"device {device}",
+    keep_connected(config, address, device, token, f"device {device}", f"runtime.tokens[{device}]",
                    lambda session: serve_device(hosted, session, codec), seed=device)
 
 
-def keep_connected(config: RunConfig, address: str, peer: int, token: str, label: str,
+def keep_connected(config: RunConfig, address: str, peer: int, token: str, label: str, token_setting: str,
                    serve_session: Callable[[Session], bool], seed: int, stop: threading.Event | None = None) -> None:
     """Dial ``address`` as stream ``peer`` and serve the session until the far end says stop (``serve_session``
     returns True). A lost connection (server restart, network) is redialed with backoff; a refusal of the
@@ -200,8 +200,8 @@ def keep_connected(config: RunConfig, address: str, peer: int, token: str, label
         if serve_session(session):
             return
         if session.credentials_refused:
-            raise RefusedError(f"{label}: the server at {address} refused it ({session.end_reason}); "
-                               "check --id, --token and the TLS certificates")
+            raise RefusedError(f"{label}: the server at {address} refused this {label.split()[0]} ({session.end_reason}); "
+                               f"check --id, --token ({token_setting}) and the TLS certificates")
         if session.received:  # it worked for a while: the budget starts again from now
             lost_since, attempt = time.monotonic(), 0
         log.info("%s: connection ended (%s); redialing", label, session.end_reason)
@@ -295,15 +295,24 @@ def run_edge(config: RunConfig, index: int, *, token: str | None = None) -> None
               for s, e in edge.slots.items()}, users, address, server.port, runtime.address)
     stop = threading.Event()
     codec = message_codec(config)
-    streams = [threading.Thread(target=keep_connected, daemon=True, name=f"{edge.name}-{slot}",
-                                args=(config, runtime.address, endpoint.id, token, f"{edge.name} slot {slot}",
-                                      lambda session, e=endpoint: serve_device(e, session, codec), endpoint.id))
+    failures: list[Exception] = []
+
+    def slot_stream(endpoint: HostedDevice) -> None:
+        try:
+            keep_connected(config, runtime.address, endpoint.id, token, f"edge {index} (slot {endpoint.slot})",
+                           f"runtime.edge_tokens[{index}]", lambda session: serve_device(endpoint, session, codec),
+                           endpoint.id, stop=stop)
+        except (RefusedError, UnreachableError) as error:  # ends the process (below) with this one line
+            failures.append(error)
+            stop.set()
+
+    streams = [threading.Thread(target=slot_stream, args=(endpoint,), daemon=True, name=f"{edge.name}-{slot}")
                for slot, endpoint in edge.slots.items()]
     for thread in streams:
         thread.start()
     relays: dict[int, tuple[Session, threading.Thread]] = {}
     try:
-        while any(thread.is_alive() for thread in streams):
+        while any(thread.is_alive() for thread in streams) and not stop.is_set():
             for u in users:  # a user that (re)connected gets a stream to the cloud
                 session = server.session(u)
                 if session is not None and (u not in relays or relays[u][0] is not session):
@@ -312,6 +321,8 @@ def run_edge(config: RunConfig, index: int, *, token: str | None = None) -> None
                     thread.start()
                     relays[u] = (session, thread)
             time.sleep(0.1)
+        if failures:
+            raise failures[0]
         for _, thread in relays.values():  # the cloud's stop reaches the users through their relays
             thread.join(timeout=10)
     finally:
@@ -354,8 +365,8 @@ def _relay_user(config: RunConfig, edge: EdgeServer, user: int, session: Session
             edge.forget(user)
 
     try:
-        keep_connected(config, config.runtime.address, user, token, f"{edge.name} relay of user {user}",
-                       serve_session, seed=user, stop=stop)
+        keep_connected(config, config.runtime.address, user, token, f"edge {edge.index} (relay of user {user})",
+                       f"runtime.edge_tokens[{edge.index}]", serve_session, seed=user, stop=stop)
     except (UnreachableError, RefusedError) as error:
         log.warning("%s", error)
         session.close(str(error))

@@ -137,6 +137,25 @@ def test_edge_refuses_a_user_with_a_wrong_token(tiny_llama_dir, corpus_dir, tmp_
         edge.kill()
 
 
+def test_cloud_refuses_an_edge_with_a_wrong_token(tiny_llama_dir, corpus_dir, tmp_path):
+    """The edge exits at once with one line naming the setting; the cloud never counts it as connected."""
+    from splitfed.deploy import cloud_tokens, run_topology
+    from splitfed.runtime.grpc.transport import LinkServer
+
+    config_path = tmp_path / "config.toml"
+    write_three_tier(config_path, tiny_llama_dir, corpus_dir)
+    config = load_config(config_path, ['runtime.kind="grpc"'])
+    cloud = LinkServer(config.runtime.address, cloud_tokens(config, run_topology(config)[1]))
+    try:
+        edge = subprocess.run([sys.executable, "-m", "splitfed.cli", "edge", str(config_path), "--id", "1",
+                               "--token", "not-the-token"], capture_output=True, text=True, timeout=120)
+        assert edge.returncode == 1
+        assert "refused this edge" in edge.stderr and "runtime.edge_tokens[1]" in edge.stderr, edge.stderr[-2000:]
+        assert cloud.rejected.count >= 1 and cloud.wait_for([5], timeout=0.1) == []
+    finally:
+        cloud.stop(grace=0)
+
+
 def test_each_process_reads_only_what_it_needs(tiny_llama_dir, corpus_dir, tmp_path):
     """An edge loads only its layers and no data; a user with ``--data`` reads only that file (the run's
     data.source may not even exist on its machine)."""

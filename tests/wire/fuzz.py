@@ -21,7 +21,8 @@ from safetensors.torch import save as save_tensors
 from splitfed.wire.messages import KINDS, Message, encode
 from splitfed.wire.schema import BATCH, SCHEMAS, Bounds, ValueSpec
 
-SAMPLE_VALUES = {"reason": "refused", "op": "report", "meta": "{}", "num_samples": 3, "since": 0, "version": 1}
+SAMPLE_VALUES = {"reason": "refused", "op": "report", "meta": "{}", "num_samples": 3, "since": 0, "version": 1,
+                 "routes": '{"0": [2, 1.5, 100, 1.0]}'}
 
 
 def valid_message(kind: str, bounds: Bounds, sender: str = "device0", batch: int = 2) -> Message:
