@@ -5,7 +5,6 @@ run in parallel; a killed edge drops with its users and rejoins; an edge refuses
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from splitfed.config import load_config
 from splitfed.run import run
-from tests.runtime.test_faults import _records, _serve_in_thread, _wait_until
+from tests.runtime.test_faults import _records, _serve_in_thread, _wait_until, kill_server_after_round_two_and_resume
 from tests.runtime.test_grpc_processes import assert_same_adapters, free_port, start_devices, write_config
 
 pytestmark = pytest.mark.slow  # real processes
@@ -183,25 +182,7 @@ def test_cloud_killed_after_round_two_resumes_with_its_edges_to_the_same_adapter
     write_three_tier(config_path, tiny_llama_dir, corpus_dir)
     out = tmp_path / "run"
     processes = [*start_edges(config_path).values(), *start_devices(config_path, USERS)]
-
-    def start_cloud(*extra: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "splitfed.cli", "serve", str(config_path), "--out", str(out), "--quiet",
-                   "--set", "train.rounds=4", *extra]
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    cloud = start_cloud()
-    try:
-        latest = out / "checkpoints" / "latest"
-        _wait_until(lambda: latest.exists() and latest.read_text().strip() == "round-0001", 300, "round 2 checkpoint")
-        cloud.send_signal(signal.SIGKILL)
-        cloud.wait(timeout=30)
-        cloud = start_cloud("--resume")
-        assert cloud.wait(timeout=300) == 0, cloud.stderr.read().decode()[-3000:]
-        for process in processes:
-            assert process.wait(timeout=60) == 0, process.stderr.read().decode()[-2000:]
-    finally:
-        for process in [cloud, *processes]:
-            process.kill()
+    kill_server_after_round_two_and_resume(config_path, out, processes, ["--set", "train.rounds=4"])
     uninterrupted = tmp_path / "whole"
     run(load_config(config_path, ["train.rounds=4"]), uninterrupted, progress=False)
     assert_same_adapters(out, uninterrupted)

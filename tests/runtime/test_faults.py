@@ -88,12 +88,10 @@ def test_killed_device_is_dropped_and_rejoins_after_restart(tiny_llama_dir, corp
     assert {r["device"] for r in records if r["kind"] == "step" and r["round"] == 3} == {0, 1, 2, 3}
 
 
-def test_server_killed_after_round_two_resumes_to_the_same_adapters(tiny_llama_dir, corpus_dir, tmp_path):
-    config_path = tmp_path / "config.toml"
-    write_config(config_path, tiny_llama_dir, corpus_dir, "memsfl", "[1, 2, 4]", free_port())
-    overrides = ["--set", "train.rounds=4"]
-    out = tmp_path / "run"
-    devices = start_devices(config_path, DEVICES)
+def kill_server_after_round_two_and_resume(config_path, out, processes: list[subprocess.Popen],
+                                           overrides: list[str]) -> None:
+    """`splitfed serve` into ``out``, SIGKILLed once round 2's checkpoint is written, restarted with --resume;
+    waits until it and ``processes`` (its devices, edges) have finished cleanly."""
 
     def start_server(*extra: str) -> subprocess.Popen:
         command = [sys.executable, "-m", "splitfed.cli", "serve", str(config_path), "--out", str(out), "--quiet",
@@ -108,11 +106,19 @@ def test_server_killed_after_round_two_resumes_to_the_same_adapters(tiny_llama_d
         server.wait(timeout=30)
         server = start_server("--resume")
         assert server.wait(timeout=300) == 0, server.stderr.read().decode()[-3000:]
-        for process in devices:
-            assert process.wait(timeout=60) == 0
+        for process in processes:
+            assert process.wait(timeout=60) == 0, process.stderr.read().decode()[-2000:]
     finally:
-        for process in [server, *devices]:
+        for process in [server, *processes]:
             process.kill()
+
+
+def test_server_killed_after_round_two_resumes_to_the_same_adapters(tiny_llama_dir, corpus_dir, tmp_path):
+    config_path = tmp_path / "config.toml"
+    write_config(config_path, tiny_llama_dir, corpus_dir, "memsfl", "[1, 2, 4]", free_port())
+    overrides = ["--set", "train.rounds=4"]
+    out = tmp_path / "run"
+    kill_server_after_round_two_and_resume(config_path, out, start_devices(config_path, DEVICES), overrides)
     uninterrupted = tmp_path / "whole"
     run(load_config(config_path, ["train.rounds=4"]), uninterrupted, progress=False)
     resumed = load_file(out / "adapter" / "adapter_model.safetensors")

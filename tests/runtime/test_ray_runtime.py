@@ -14,20 +14,25 @@ from tests.conftest import tiny_run_config
 pytestmark = pytest.mark.slow  # real processes
 
 
-def test_ray_runtime_matches_in_process(tiny_llama_dir, corpus_dir, tmp_path):
-    sections = dict(devices={"count": 4, "cuts": [1, 2, 4]}, data={"partition": "iid"},
-                    train={"rounds": 2, "local_steps": 2, "devices_per_round": 3},
-                    compression={"activations_per_device": ["quant:8", "topk:0.5 > quant:4", "none", "fp16"],
-                                 "gradients": "quant:8 > zstd", "error_feedback": True})
-    local = run(tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", **sections), tmp_path / "inproc", progress=False)
-    config = tiny_run_config(tiny_llama_dir, corpus_dir, "memsfl", runtime={"kind": "ray", "ray_hosts": 2}, **sections)
+def _inproc_and_ray(model_dir, corpus_dir, tmp_path, protocol: str, **sections) -> tuple[dict, dict]:
+    """The summaries of an in-process run and of the same config on Ray (2 host actors), whose adapters match."""
+    local = run(tiny_run_config(model_dir, corpus_dir, protocol, **sections), tmp_path / "inproc", progress=False)
+    config = tiny_run_config(model_dir, corpus_dir, protocol, runtime={"kind": "ray", "ray_hosts": 2}, **sections)
     remote = run_on_ray(config, tmp_path / "ray", progress=False)
-
     local_adapter = load_file(tmp_path / "inproc" / "adapter" / "adapter_model.safetensors")
     remote_adapter = load_file(tmp_path / "ray" / "adapter" / "adapter_model.safetensors")
     for key in local_adapter:
         torch.testing.assert_close(remote_adapter[key], local_adapter[key], atol=1e-5, rtol=1e-5, msg=key)
     assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
+    return local, remote
+
+
+def test_ray_runtime_matches_in_process(tiny_llama_dir, corpus_dir, tmp_path):
+    sections = dict(devices={"count": 4, "cuts": [1, 2, 4]}, data={"partition": "iid"},
+                    train={"rounds": 2, "local_steps": 2, "devices_per_round": 3},
+                    compression={"activations_per_device": ["quant:8", "topk:0.5 > quant:4", "none", "fp16"],
+                                 "gradients": "quant:8 > zstd", "error_feedback": True})
+    local, remote = _inproc_and_ray(tiny_llama_dir, corpus_dir, tmp_path, "memsfl", **sections)
     assert (remote["activations_bytes"], remote["gradients_bytes"]) == (local["activations_bytes"], local["gradients_bytes"])
 
 
@@ -53,12 +58,5 @@ def test_ray_three_tiers_match_in_process(tiny_llama_dir, corpus_dir, tmp_path):
     sections = dict(devices={"count": 4, "cuts": [1, 2]}, data={"partition": "iid"},
                     train={"rounds": 2, "local_steps": 2}, splitllm={"edges": 2, "cloud_cut": 4},
                     compression={"activations": "quant:8", "error_feedback": True})
-    local = run(tiny_run_config(tiny_llama_dir, corpus_dir, "splitllm", **sections), tmp_path / "inproc", progress=False)
-    config = tiny_run_config(tiny_llama_dir, corpus_dir, "splitllm", runtime={"kind": "ray", "ray_hosts": 2}, **sections)
-    remote = run_on_ray(config, tmp_path / "ray", progress=False)
-    local_adapter = load_file(tmp_path / "inproc" / "adapter" / "adapter_model.safetensors")
-    remote_adapter = load_file(tmp_path / "ray" / "adapter" / "adapter_model.safetensors")
-    for key in local_adapter:
-        torch.testing.assert_close(remote_adapter[key], local_adapter[key], atol=1e-5, rtol=1e-5, msg=key)
-    assert remote["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
+    local, remote = _inproc_and_ray(tiny_llama_dir, corpus_dir, tmp_path, "splitllm", **sections)
     assert remote["peak_mem_edge_bytes"] == local["peak_mem_edge_bytes"] > 0
