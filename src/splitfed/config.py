@@ -251,6 +251,11 @@ class RuntimeSection(_Section):
     """Where the server listens and devices dial."""
     tokens: list[str] = []
     """grpc: the secret token of device i is tokens[i]; devices not listed are refused."""
+    adapter_slots: Literal["pool", "per_device"] = "pool"
+    """How a process's slots (devices, server-side copies) hold their LoRA: ``pool``: as plain tensors
+    between turns, taking turns on a few adapters of the model (as many as train at once);
+    ``per_device``: one adapter of the model each, for good (memory and build time grow with the devices;
+    kept to check that the pool changes no number)."""
     edge_addresses: list[str] = []
     """grpc, three-tier protocols: where edge server e listens for its users (``splitfed edge --id e``);
     users dial their edge's address, edges dial ``address`` (the cloud)."""

@@ -22,7 +22,6 @@ from pathlib import Path
 import ray
 import torch
 
-from splitfed.adapters.lora import add_adapter, get_adapter_state, layout_config
 from splitfed.adapters.merge import merge_shapes
 from splitfed.config import ConfigError, RunConfig, RuntimeSection, parse_config
 from splitfed.data.partition import local_dataset
@@ -30,7 +29,7 @@ from splitfed.data.sources import load_documents
 from splitfed.models.families import family_for, num_layers
 from splitfed.models.loading import load_model_config, load_stage_model, load_tokenizer, prepare_model
 from splitfed.models.split import Stage, StageSpec
-from splitfed.protocols.base import adapter_layout
+from splitfed.protocols.base import adapter_layout, adapter_pool
 from splitfed.registry import protocol_class
 from splitfed.roles.worker import StageWorker
 from splitfed.run import ValidatedRun, build_data, check_run_dir, plan_run, run
@@ -88,23 +87,21 @@ def host_devices(config: RunConfig, devices: list[int], data_path: str | None = 
             raise ConfigError(str(error)) from None
         train = {devices[0]: own}
     hosted = {}
+    pool = adapter_pool(config, family)  # the devices of this process share a few adapters of the one model
     for u, stage in stages.items():
-        torch.manual_seed(derive_seed(config.seed, Purpose.ADAPTER_INIT, u))  # overwritten by the first download
-        add_adapter(model, stage.worker, layout_config(family, adapter_layout(config, stage), config.lora.dropout))
-        worker = StageWorker(stage.worker, config.train)
+        worker = StageWorker(stage.worker, config.train, pool)
         spec = StageSpec(stage.start, stage.end, stage.first, stage.last)
-        worker.add_slot(stage.slot, Stage(model, spec, family), stage.worker, train[u],
-                        derive_seed(config.seed, Purpose.BATCHES, u))
+        slot = worker.add_slot(stage.slot, Stage(model, spec, family), adapter_layout(config, stage), train[u],
+                               derive_seed(config.seed, Purpose.BATCHES, u))
         trace = None
         if config.runtime.trace_dir:
             Path(config.runtime.trace_dir).mkdir(parents=True, exist_ok=True)
             trace = Path(config.runtime.trace_dir) / f"{stage.worker}.jsonl"
-        adapter = {k: tuple(v.shape) for k, v in get_adapter_state(model, stage.worker).items()}
+        adapter = slot.shapes()
         servers = frozenset({"server", "aggregator", topology.aggregator, *(s.worker for s in topology.routes[u].stages[1:])})
         bounds = replace(message_bounds(config), adapter=adapter,
                          merge_modules=merge_shapes(model, family, stage.layers, config.lora.targets))
-        hosted[u] = HostedDevice(u, worker, bounds, servers, trace, layout=adapter_layout(config, stage),
-                                 dropout=config.lora.dropout)
+        hosted[u] = HostedDevice(u, worker, bounds, servers, trace, layout=adapter_layout(config, stage))
     return hosted
 
 
@@ -259,14 +256,12 @@ def host_edge(config: RunConfig, index: int) -> EdgeServer:
     model = load_stage_model(str(prepare_model(config.model.source)),
                              StageSpec(min(s.start for s in slots), max(s.end for s in slots), False, False))
     family = family_for(model.config)
-    worker = StageWorker(name, config.train)
+    worker = StageWorker(name, config.train, adapter_pool(config, family))
     bounds = {}
     for stage in slots:
-        adapter = f"{name}__{stage.slot}"
-        add_adapter(model, adapter, layout_config(family, adapter_layout(config, stage), config.lora.dropout))
-        worker.add_slot(stage.slot, Stage(model, StageSpec(stage.start, stage.end, False, False), family), adapter)
-        bounds[stage.slot] = replace(message_bounds(config),
-                                     adapter={k: tuple(v.shape) for k, v in get_adapter_state(model, adapter).items()},
+        slot = worker.add_slot(stage.slot, Stage(model, StageSpec(stage.start, stage.end, False, False), family),
+                               adapter_layout(config, stage))
+        bounds[stage.slot] = replace(message_bounds(config), adapter=slot.shapes(),
                                      merge_modules=merge_shapes(model, family, stage.layers, config.lora.targets))
     edge = EdgeServer(index, worker, message_codec(config), message_bounds(config),
                       {s.slot: set(topology.routes_of(s.key)) for s in slots})

@@ -19,8 +19,6 @@ class Purpose(IntEnum):
     """Stochastic codecs of the wire."""
     SCHEDULE = 4
     """The random serving order (index: step)."""
-    ADAPTER_INIT = 5
-    """A remote worker's adapter before its first download (index: device)."""
     ADAPTER_RESTART = 6
     """The global adapter after merge k of a merging aggregation (index: k)."""
 

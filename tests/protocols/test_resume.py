@@ -52,9 +52,9 @@ def test_an_unfinished_step_leaves_no_gradient_behind(tiny_llama_dir, corpus_dir
     config = tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", devices={"count": 1, "cuts": [2]})
     protocol, _ = build_protocol(plan_run(config), log=lambda record: None)
     device = protocol.workers["device0"].worker
-    params = device.slot(None).params
     saved = device.export_state()
     sent = device.forward(None, 0, 0)
+    params = device.slot(None).params  # the adapter the slot trains on for this turn
     grad = torch.ones_like(sent.tensors["hidden"])
     values = {"loss": 1.0, "tokens": 1, "grad_scale": 1.0}
     device.backward(None, Message("activation_grad", "server", 0, 0, {"grad": grad}, values))

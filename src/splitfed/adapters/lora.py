@@ -110,14 +110,24 @@ def get_adapter_state(model: nn.Module, name: str) -> AdapterState:
 def set_adapter_state(model: nn.Module, name: str, state: AdapterState, strict: bool = True) -> None:
     """Copy ``state`` into adapter ``name``; tensors are fitted to each slot's rank (HetLoRA
     truncation / zero padding). With strict, every slot of the adapter must be in ``state``."""
-    params = adapter_parameters(model, name)
-    missing = set(params) - set(state)
-    if strict and missing:
-        raise KeyError(f"adapter {name!r}: state lacks {sorted(missing)[:3]} (and {max(0, len(missing) - 3)} more)")
+    load_factors(adapter_parameters(model, name), state, strict, name)
+
+
+def load_factors(params: dict[str, nn.Parameter], state: AdapterState, strict: bool = True, label: str = "") -> None:
+    """Copy ``state`` into the adapter tensors ``params`` (canonical keys), each fitted to its rank."""
+    fitted = fit_state(state, {k: p.shape for k, p in params.items()}, strict, label)
     with torch.no_grad():
-        for key, param in params.items():
-            if key in state:
-                param.copy_(fit_rank(state[key], param.shape))
+        for key, tensor in fitted.items():
+            params[key].copy_(tensor)
+
+
+def fit_state(state: AdapterState, shapes: dict[str, tuple[int, ...]], strict: bool = True,
+              label: str = "") -> AdapterState:
+    """The tensors of ``state`` an adapter with ``shapes`` takes, each fitted to its rank (``fit_rank``)."""
+    missing = set(shapes) - set(state)
+    if strict and missing:
+        raise KeyError(f"adapter {label!r}: state lacks {sorted(missing)[:3]} (and {max(0, len(missing) - 3)} more)")
+    return {key: fit_rank(state[key], torch.Size(shape)) for key, shape in shapes.items() if key in state}
 
 
 def fit_rank(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -157,6 +167,13 @@ def activate(layers: list[LoraLayer], names: list[str]) -> None:
     """
     for layer in layers:
         layer.set_adapter(names)
+    unfreeze(layers)
+
+
+def unfreeze(layers: list[LoraLayer]) -> None:
+    """Let every adapter of ``layers`` take gradients again (PEFT freezes the inactive ones when it activates
+    or adds an adapter; a leaf that stops requiring grad silently drops the gradient of a pending backward)."""
+    for layer in layers:
         for factors in (layer.lora_A, layer.lora_B):
             for module in factors.values():
                 module.requires_grad_(True)

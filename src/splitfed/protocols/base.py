@@ -27,6 +27,7 @@ from transformers import PretrainedConfig
 from splitfed.adapters.aggregate import Upload
 from splitfed.adapters.layout import AdapterLayout
 from splitfed.adapters.merge import apply_merges, merge_shapes, merged_versions
+from splitfed.adapters.pool import AdapterPool
 from splitfed.adapters.lora import activate, add_adapter, get_adapter_state, layout_config, lora_layers, set_adapter_state
 from splitfed.config import ProtocolOptions, RunConfig
 from splitfed.data.batches import TokenDataset, iterate_batches
@@ -56,6 +57,11 @@ def adapter_layout(config: RunConfig, stage: StagePlacement) -> AdapterLayout:
     """The LoRA layout of a stage's slot: its layers, the configured targets, the stage's rank."""
     lora = config.lora
     return AdapterLayout(stage.layers, tuple(lora.targets), stage.rank, lora.alpha / lora.rank, stage.placement)
+
+
+def adapter_pool(config: RunConfig, family: Family) -> AdapterPool:
+    """The pool of adapters one process's slots share (``runtime.adapter_slots``)."""
+    return AdapterPool(family, config.lora.dropout, reuse=config.runtime.adapter_slots == "pool")
 
 
 class RoundFailed(RuntimeError):
@@ -171,6 +177,8 @@ class Protocol(ABC):
         self.merged: dict[tuple[str, str], int] = {}
         """Per slot (worker, slot): how many of the aggregator's merges it has been sent."""
         self._global_layers = lora_layers(self.model)
+        self.pool = adapter_pool(self.config, self.family)
+        """The adapters this process's slots take turns on (``adapters.pool``)."""
         self.workers: dict[str, WorkerHandle] = {**self._local_workers(set(remote)), **remote}
         self.dropped: set[int] = set()  # devices that left a round and have not finished one since
 
@@ -222,7 +230,7 @@ class Protocol(ABC):
         for name, slots in self.topo.workers().items():
             if name in remote:
                 continue
-            worker = StageWorker(name, self.config.train)
+            worker = StageWorker(name, self.config.train, self.pool)
             for placement in slots:
                 spec = StageSpec(placement.start, placement.end, placement.first, placement.last)
                 model = self.model
@@ -230,12 +238,10 @@ class Protocol(ABC):
                     if placement.base not in copies:
                         copies[placement.base] = load_stage_model(self.ctx.model_dir, spec)
                     model = copies[placement.base]
-                adapter = f"{name}__{placement.slot}" if placement.slot != name else name
-                self._add_adapter(model, adapter, self.layout_of(placement))
                 device = first_of.get(placement.key)
                 data = self.dataset(device) if placement.first and device is not None else None
                 seed = derive_seed(self.config.seed, Purpose.BATCHES, device) if device is not None else None
-                worker.add_slot(placement.slot, Stage(model, spec, self.family), adapter, data, seed)
+                worker.add_slot(placement.slot, Stage(model, spec, self.family), self.layout_of(placement), data, seed)
             handles[name] = LocalWorker(worker)
         return handles
 

@@ -225,8 +225,7 @@ class HSplitLoRA(MemorySplitFed):
         replies = []
         for u in devices:
             stage = self.topo.routes[u].first
-            replies.append((u, self.workers[stage.worker].relayout(stage.slot, self.layout_of(stage),
-                                                                  self.config.lora.dropout)))
+            replies.append((u, self.workers[stage.worker].relayout(stage.slot, self.layout_of(stage))))
         for u, reply in replies:
             self.attempt(u, round_index, 0, [u], reply.result)  # a lost device relayouts when it rejoins (resume)
 

@@ -20,23 +20,14 @@ device's update is that of its own mean loss (it does not shrink with the group'
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from splitfed.adapters.importance import ScoreMeter
 from splitfed.adapters.layout import AdapterLayout
-from splitfed.adapters.lora import (
-    activate,
-    add_adapter,
-    adapter_parameters,
-    get_adapter_state,
-    layout_config,
-    lora_layers,
-    remove_adapter,
-    set_adapter_state,
-    target_modules,
-)
+from splitfed.adapters.lora import activate, fit_state, load_factors, lora_layers, target_modules
+from splitfed.adapters.pool import AdapterPool, PooledAdapter
 from splitfed.adapters.merge import apply_merges
 from splitfed.config import TrainSection
 from splitfed.data.batches import BatchStream, TokenDataset
@@ -72,17 +63,20 @@ class _Pending:
     """(batch, seq, hidden) output whose gradient comes back."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
+    """One adapter a worker trains (a device's, or a server-side one), and its data on a first stage.
+
+    Between its turns a slot is plain tensors (``saved``: its LoRA factors and optimizer state); for a
+    turn it borrows an adapter of the model from the worker's ``AdapterPool`` (``bind``), and gives it
+    back with its state saved when another slot needs it (``park``). A slot that has never trained
+    holds nothing: its first download gives it its values, its first step its optimizer state."""
+
     name: str
     stage: Stage
-    adapter: str
-    """Name of the PEFT adapter in the stage's model."""
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    lora_layers: list
-    held_tensors: list[torch.Tensor]
-    """Every tensor of the slot's modules (excluded from the saved-activation count)."""
+    layout: AdapterLayout
+    pool: AdapterPool
+    train: TrainSection
     stream: BatchStream | None = None
     num_samples: int = 0
     sq_norm: float = 0.0
@@ -91,45 +85,118 @@ class Slot:
     """Importance of the slot's weight matrices over the passes it watches (HSplitLoRA)."""
     watch_left: int = 0
     """Forward passes the meter still watches."""
+    adapter: PooledAdapter | None = None
+    """The model's adapter this slot trains on now (None: parked)."""
+    optimizer: torch.optim.Optimizer | None = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    lora_layers: list = field(default_factory=list)
+    held_tensors: list[torch.Tensor] = field(default_factory=list)
+    """Every tensor of the slot's modules (excluded from the saved-activation count)."""
+    saved: tuple[dict[str, torch.Tensor], dict | None] | None = None
+    """Parked: (LoRA factors by canonical key, optimizer state_dict or None before the first step)."""
+
+    def idle(self) -> bool:
+        """Nothing of a step in flight: no forward waiting for its backward, no gradient waiting for its step."""
+        return self.pending is None and all(p.grad is None for p in self.params)
+
+    def bind(self) -> Slot:
+        """Make sure this slot trains on an adapter of the model, its saved state loaded into it."""
+        if self.adapter is not None:
+            self.pool.touch(self.adapter)
+            return self
+        adapter, previous = self.pool.lend(self.stage.model, self.layout, self, Slot.idle)
+        if previous is not None:
+            previous.park()
+        self.adapter = adapter
+        self.params = list(adapter.params.values())
+        self.lora_layers = [m for owned in self.stage.owned_modules() for m in lora_layers(owned)]
+        self.held_tensors = module_tensors(self.stage.owned_modules())
+        self.optimizer = make_optimizer(self.params, self.train)
+        factors, optimizer_state = self.saved if self.saved is not None else (None, None)
+        with torch.no_grad():
+            for key, param in adapter.params.items():
+                if factors is None:
+                    param.zero_()  # no values yet: its first download brings them
+                else:
+                    param.copy_(factors[key])
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.saved = None
+        return self
+
+    def park(self) -> None:
+        """Save the adapter's factors and optimizer state as tensors of this slot and give the adapter back."""
+        if self.adapter is None:
+            return
+        self.saved = (self.factors(), self.optimizer_state())
+        self.release()
+
+    def release(self) -> None:
+        """Give the adapter back without saving (its state is replaced or no longer needed)."""
+        if self.adapter is not None:
+            self.pool.give_back(self.adapter, self)
+        self.adapter, self.optimizer, self.params, self.lora_layers, self.held_tensors = None, None, [], [], []
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The LoRA factors by canonical key (copies), bound or parked; empty before any values."""
+        if self.adapter is not None:
+            return {k: p.detach().clone() for k, p in self.adapter.params.items()}
+        return dict(self.saved[0]) if self.saved is not None else {}
+
+    def optimizer_state(self) -> dict | None:
+        """The optimizer's state_dict, bound or parked; None before the slot's first step."""
+        if self.adapter is not None:
+            return self.optimizer.state_dict() if self.optimizer.state else None
+        return self.saved[1] if self.saved is not None else None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of this slot's LoRA tensors (by canonical key)."""
+        return self.pool.shapes(self.stage.model, self.layout)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What this slot holds of its own: LoRA factors and optimizer state."""
+        if self.adapter is not None:
+            return [*self.params, *optimizer_tensors(self.optimizer)]
+        if self.saved is None:
+            return []
+        factors, optimizer_state = self.saved
+        moments = [v for state in (optimizer_state or {}).get("state", {}).values()
+                   for v in state.values() if isinstance(v, torch.Tensor)]
+        return [*factors.values(), *moments]
 
     def discard_pending(self) -> None:
         """Drop what an unfinished step left: gradients whose optimizer step never came, a forward's graph."""
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
         self.pending = None
 
 
 class StageWorker:
-    def __init__(self, name: str, train: TrainSection) -> None:
+    def __init__(self, name: str, train: TrainSection, pool: AdapterPool) -> None:
         self.name = name
         self.train = train
+        self.pool = pool
         self.slots: dict[str, Slot] = {}
         self.meter = ActivationMeter()
 
-    def add_slot(
-        self, name: str, stage: Stage, adapter: str, data: TokenDataset | None = None, seed: int | None = None
-    ) -> Slot:
-        """Train adapter ``adapter`` of ``stage``'s model in slot ``name``; a first stage reads ``data``."""
-        slot = Slot(name, stage, adapter, *self._adapter_parts(stage, adapter))
+    def add_slot(self, name: str, stage: Stage, layout: AdapterLayout, data: TokenDataset | None = None,
+                 seed: int | None = None) -> Slot:
+        """Train an adapter of ``layout`` on ``stage``'s model in slot ``name``; a first stage reads ``data``.
+        Nothing is allocated until the slot's first turn."""
+        slot = Slot(name, stage, layout, self.pool, self.train)
         if data is not None:
             slot.stream = BatchStream(data, self.train.batch_size, seed if seed is not None else 0)
             slot.num_samples = len(data)
         self.slots[name] = slot
         return slot
 
-    def _adapter_parts(self, stage: Stage, adapter: str) -> tuple[list, torch.optim.Optimizer, list, list]:
-        """(params, optimizer, LoRA layers, held tensors) of adapter ``adapter`` on ``stage``."""
-        params = list(adapter_parameters(stage.model, adapter).values())
-        layers = [m for owned in stage.owned_modules() for m in lora_layers(owned)]
-        return params, make_optimizer(params, self.train), layers, module_tensors(stage.owned_modules())
-
-    def relayout(self, slot_name: str | None, layout: AdapterLayout, dropout: float = 0.0) -> None:
-        """Replace the slot's adapter by one of another layout (placement, ranks), with a fresh optimizer;
+    def relayout(self, slot_name: str | None, layout: AdapterLayout) -> None:
+        """Give the slot an adapter of another layout (placement, ranks), with a fresh optimizer;
         its values come with the next download."""
         slot = self.slot(slot_name)
         slot.discard_pending()
-        remove_adapter(slot.stage.model, slot.adapter)
-        add_adapter(slot.stage.model, slot.adapter, layout_config(slot.stage.family, layout, dropout))
-        slot.params, slot.optimizer, slot.lora_layers, slot.held_tensors = self._adapter_parts(slot.stage, slot.adapter)
+        slot.release()
+        slot.layout, slot.saved = layout, None
 
     def slot(self, name: str | None) -> Slot:
         if name is None and len(self.slots) == 1:
@@ -141,9 +208,9 @@ class StageWorker:
     # --- first stage --------------------------------------------------------------------
     def forward(self, slot_name: str | None, round_index: int, step: int) -> Message:
         """Run the first stage on the slot's next batch; the activations go up the route."""
-        slot = self.slot(slot_name)
+        slot = self.slot(slot_name).bind()
         slot.discard_pending()
-        activate(slot.lora_layers, [slot.adapter])
+        activate(slot.lora_layers, [slot.adapter.name])
         batch = slot.stream.next_batch()
         with self.meter.measure(exclude=slot.held_tensors), self._watch(slot):
             hidden = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
@@ -154,7 +221,7 @@ class StageWorker:
 
     def backward(self, slot_name: str | None, message: Message) -> Message:
         """Backpropagate the activation gradient (times its ``grad_scale``); report the squared grad norm."""
-        slot = self.slot(slot_name)
+        slot = self.slot(slot_name).bind()
         if slot.pending is None:
             raise RuntimeError(f"{self.name}: activation gradient without a pending forward pass")
         grad = message.tensors["grad"]
@@ -172,7 +239,7 @@ class StageWorker:
         replies: dict[int, Message] = {}
         saved = 0
         for slot_name, arrivals in groups.items():
-            slot = self.slot(slot_name)
+            slot = self.slot(slot_name).bind()
             slot.discard_pending()
             replies.update(self._forward_slot(slot, arrivals))
             saved += self.meter.last
@@ -180,7 +247,7 @@ class StageWorker:
         return replies
 
     def _forward_slot(self, slot: Slot, arrivals: Arrivals) -> dict[int, Message]:
-        activate(slot.lora_layers, [slot.adapter])
+        activate(slot.lora_layers, [slot.adapter.name])
         messages = [m for _, m in arrivals]
         hidden = torch.cat([m.tensors["hidden"] for m in messages]).requires_grad_(True)  # (batch, seq, hidden)
         mask = torch.cat([m.tensors["attention_mask"] for m in messages])
@@ -214,7 +281,7 @@ class StageWorker:
         """Backpropagate the gradients of a middle stage's outputs; return its inputs' gradients."""
         replies: dict[int, Message] = {}
         for slot_name, arrivals in groups.items():
-            slot = self.slot(slot_name)
+            slot = self.slot(slot_name).bind()
             pending = slot.pending
             if pending is None:
                 raise RuntimeError(f"{self.name}: activation gradient without a pending forward pass")
@@ -240,7 +307,7 @@ class StageWorker:
 
     def apply(self, slot_name: str | None, scale: float, lr: float) -> None:
         """Take the optimizer step with the clipping factor decided over the whole route."""
-        slot = self.slot(slot_name)
+        slot = self.slot(slot_name).bind()
         apply_step(slot.optimizer, slot.params, scale, lr)
         slot.pending = None
 
@@ -250,8 +317,8 @@ class StageWorker:
 
     def local_step(self, slot_name: str | None, lr: float) -> tuple[float, int]:
         """One whole-model forward/backward/step (a slot that is first and last); returns (mean loss, tokens)."""
-        slot = self.slot(slot_name)
-        activate(slot.lora_layers, [slot.adapter])
+        slot = self.slot(slot_name).bind()
+        activate(slot.lora_layers, [slot.adapter.name])
         batch = slot.stream.next_batch()
         with self.meter.measure(exclude=slot.held_tensors), self._watch(slot):
             logits = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
@@ -288,13 +355,18 @@ class StageWorker:
     # --- federation ---------------------------------------------------------------------
     def upload(self, slot_name: str | None, round_index: int) -> Message:
         slot = self.slot(slot_name)
-        state = get_adapter_state(slot.stage.model, slot.adapter)
+        state = slot.factors()
         weight = {"num_samples": slot.num_samples} if slot.stream is not None else {}  # a first stage's sample weight
         return Message("adapter_upload", self.name, round_index, 0, state, weight)
 
     def download(self, slot_name: str | None, message: Message) -> None:
         slot = self.slot(slot_name)
-        set_adapter_state(slot.stage.model, slot.adapter, message.tensors)
+        label = f"{self.name}/{slot.name}"
+        if slot.adapter is not None:
+            load_factors(slot.adapter.params, message.tensors, label=label)
+        else:  # a parked slot keeps its values as tensors until its turn
+            factors = {k: t.clone() for k, t in fit_state(message.tensors, slot.shapes(), label=label).items()}
+            slot.saved = (factors, slot.saved[1] if slot.saved is not None else None)
 
     def merge(self, slot_name: str | None, message: Message) -> None:
         """Add the merges the message brings (``adapters.merge``) to the base weights of the slot's layers.
@@ -304,19 +376,26 @@ class StageWorker:
         spec = slot.stage.spec
         apply_merges(slot.stage.model, message.tensors, slot.stage.family, range(spec.start, spec.end),
                      int(message.values["since"]), int(message.values["version"]))
-        slot.optimizer = make_optimizer(slot.params, self.train)
+        if slot.adapter is not None:
+            slot.optimizer = make_optimizer(slot.params, self.train)
+        elif slot.saved is not None:
+            slot.saved = (slot.saved[0], None)
 
     # --- checkpoints --------------------------------------------------------------------
     def export_state(self, slots: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-        """Every slot's (or ``slots``') adapter, optimizer and batch-stream position as (tensors, JSON-able meta)."""
+        """Every slot's (or ``slots``') adapter, optimizer and batch-stream position as (tensors, JSON-able meta).
+        A slot that holds no values yet exports only its stream position."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict = {}
         for name, slot in self.slots.items():
             if slots is not None and name not in slots:
                 continue
             prefix = f"{name}/"
-            tensors.update({f"{prefix}adapter/{k}": v for k, v in get_adapter_state(slot.stage.model, slot.adapter).items()})
-            entry = {"optimizer": flatten(f"{prefix}optimizer", slot.optimizer.state_dict(), tensors)}
+            tensors.update({f"{prefix}adapter/{k}": v for k, v in slot.factors().items()})
+            entry = {}
+            optimizer_state = slot.optimizer_state()
+            if optimizer_state is not None:
+                entry["optimizer"] = flatten(f"{prefix}optimizer", optimizer_state, tensors)
             if slot.stream is not None:
                 entry["stream"] = flatten(f"{prefix}stream", slot.stream.state_dict(), tensors)
             meta[name] = entry
@@ -326,18 +405,18 @@ class StageWorker:
         for name, entry in meta.items():
             slot = self.slot(name)
             slot.discard_pending()
+            slot.release()
             prefix = f"{name}/adapter/"
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            set_adapter_state(slot.stage.model, slot.adapter, state)
-            slot.optimizer.load_state_dict(unflatten(entry["optimizer"], tensors))
+            factors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            optimizer_state = unflatten(entry["optimizer"], tensors) if "optimizer" in entry else None
+            slot.saved = (factors, optimizer_state) if factors else None
             if slot.stream is not None and "stream" in entry:
                 slot.stream.load_state_dict(unflatten(entry["stream"], tensors))
 
     # --- accounting ---------------------------------------------------------------------
     def held_bytes(self) -> int:
         """Base weights of the slots' stages + their adapters + optimizer state (shared storages once)."""
-        tensors = [t for s in self.slots.values()
-                   for t in (*base_tensors(s.stage), *s.params, *optimizer_tensors(s.optimizer))]
+        tensors = [t for s in self.slots.values() for t in (*base_tensors(s.stage), *s.state_tensors())]
         return unique_bytes(tensors)
 
     def peak_bytes(self) -> int:
@@ -345,4 +424,4 @@ class StageWorker:
 
     @property
     def trainable_params(self) -> int:
-        return sum(p.numel() for s in self.slots.values() for p in s.params)
+        return sum(t.numel() for s in self.slots.values() for t in s.factors().values())

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from splitfed.adapters.layout import AdapterLayout
-from splitfed.adapters.lora import get_adapter_state
 from splitfed.roles.worker import StageWorker
 from splitfed.runtime.refusals import Tally
 from splitfed.wire.compression import MessageCodec
@@ -51,7 +50,6 @@ class HostedDevice:
     """Requests answered with an error so far."""
     layout: AdapterLayout | None = None
     """The device's adapter layout (its targets; a placement the server may change with ``relayout``)."""
-    dropout: float = 0.0
     slot: str | None = None
     """The worker's slot this stream serves (an edge serves each of its slots on a stream of its own);
     None: the worker's only slot."""
@@ -117,10 +115,9 @@ def handle(device: HostedDevice, message: Message, codec: MessageCodec) -> Messa
         return worker.importance(slot, r)
     if op == "relayout":
         layout = requested_layout(device, str(message.values.get("placement", "{}")))
-        worker.relayout(slot, layout, device.dropout)
+        worker.relayout(slot, layout)
         device.layout = layout
-        device.bounds = replace(device.bounds, adapter={k: tuple(v.shape) for k, v in
-                                                        get_adapter_state(worker.slot(slot).stage.model, name).items()})
+        device.bounds = replace(device.bounds, adapter=worker.slot(slot).shapes())
         return Message("ack", name, r, s)
     if op == "export_state":
         tensors, meta = worker.export_state([slot] if slot else None)

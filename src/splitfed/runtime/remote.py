@@ -222,7 +222,7 @@ class RemoteWorker:
     def importance(self, slot: str, round_index: int) -> Reply[Message]:
         return self._request(self._call("importance", round_index), "importance", adapter=True)
 
-    def relayout(self, slot: str, layout: AdapterLayout, dropout: float) -> Reply[None]:
+    def relayout(self, slot: str, layout: AdapterLayout) -> Reply[None]:
         """The device rebuilds its adapter with ``layout``'s placement; the next download fixes its new shapes."""
         placement = json.dumps({f"{layer}.{path}": rank for layer, path, rank in layout.placement})
         self.bounds = replace(self.bounds, adapter=None)
