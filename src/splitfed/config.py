@@ -42,7 +42,10 @@ class ModelSection(_Section):
 class DataSection(_Section):
     source: str = "shakespeare"
     """``shakespeare`` (shipped corpus), or a path to a .jsonl / .txt file or a directory of them."""
-    partition: Literal["by_document", "iid", "dirichlet"] = "by_document"
+    partition: Literal["by_document", "iid", "dirichlet", "by_role"] = "by_document"
+    """``by_document``: whole documents (Shakespeare: works) dealt to devices; ``iid``: rows shuffled and dealt
+    evenly; ``dirichlet``: each document's rows split by Dir(dirichlet_alpha); ``by_role``: LEAF-style, one speaking
+    role of a play per device (play texts only; devices.count at most the number of roles: 986 at seq_len 64)."""
     dirichlet_alpha: float = Field(0.5, gt=0)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_chunks_per_device: int = Field(0, ge=0)

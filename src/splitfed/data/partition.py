@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from splitfed.data.batches import RecordCounts, TokenDataset, tokenize_records
+from splitfed.data.roles import speaking_roles
 from splitfed.data.sources import DataError, Document
 
-SCHEMES = ("by_document", "iid", "dirichlet")
+SCHEMES = ("by_document", "iid", "dirichlet", "by_role")
 
 
 def _rows_summary(ds: TokenDataset, truncated: np.ndarray) -> dict[str, int]:
@@ -23,8 +24,9 @@ def _rows_summary(ds: TokenDataset, truncated: np.ndarray) -> dict[str, int]:
 class DataReport:
     """What the data became: rows and tokens per device and for eval, and what happened to the records.
 
-    ``records`` counts the records of ``data.source`` (including an eval tail taken from it),
-    ``eval_records`` those of ``data.eval_source`` (None without one). Dropped records belong to no device.
+    ``records`` counts the records of ``data.source`` (including an eval tail taken from it; with ``by_role``
+    one record per speaking role), ``eval_records`` those of ``data.eval_source`` (None without one). Dropped
+    records belong to no device. With ``by_role`` every device entry also names its ``play`` and ``role``.
     """
 
     devices: list[dict[str, Any]]
@@ -58,7 +60,7 @@ def split_train_eval(ds: TokenDataset, eval_fraction: float) -> tuple[TokenDatas
     """
     n = len(ds)
     n_eval = min(math.ceil(round(eval_fraction * n, 9)), n - 1) if n > 1 else 0  # round: 0.1 * 30 -> 3, not 4
-    return ds.subset(range(n - n_eval)), ds.subset(range(n - n_eval, n))
+    return ds.subset(np.arange(n - n_eval)), ds.subset(np.arange(n - n_eval, n))
 
 
 def _assign_rows(sizes: list[int], num_devices: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
@@ -75,6 +77,13 @@ def _assign_rows(sizes: list[int], num_devices: int, scheme: str, alpha: float, 
                             "'by_document' needs at least one document per device: use fewer devices, more "
                             'documents, or data.partition = "iid"')
         parts = [np.concatenate([doc_rows[d] for d in range(k, len(sizes), num_devices)]) for k in range(num_devices)]
+    elif scheme == "by_role":
+        speaking = np.flatnonzero(np.asarray(sizes) > 0)  # roles with a training row
+        if len(speaking) < num_devices:
+            raise DataError(f"devices.count = {num_devices} but only {len(speaking)} speaking role(s) have a training "
+                            "row; data.partition = 'by_role' gives each device one role: use devices.count <= "
+                            f'{len(speaking)}, a shorter train.seq_len, or data.partition = "iid"')
+        parts = [doc_rows[d] for d in np.sort(rng.choice(speaking, size=num_devices, replace=False))]
     elif scheme == "iid":
         parts = np.array_split(rng.permutation(total), num_devices)
     elif scheme == "dirichlet":
@@ -101,9 +110,11 @@ def partition_rows(per_document: list[TokenDataset], num_devices: int, scheme: s
                    seed: int) -> list[TokenDataset]:
     """Deal every row of every document to exactly one of ``num_devices`` devices (see ``SCHEMES``).
 
-    ``by_document``: document i -> device i % num_devices (natural non-IID, like LEAF Shakespeare);
+    ``by_document``: document i -> device i % num_devices (natural non-IID);
     ``iid``: pooled rows shuffled and dealt evenly; ``dirichlet``: each document's rows split by
-    proportions ~ Dir(alpha), smaller alpha = more skew.
+    proportions ~ Dir(alpha), smaller alpha = more skew; ``by_role``: each document is one speaking role
+    (see ``build_federated_data``), and a seeded choice of ``num_devices`` of the documents with rows, kept in
+    document order (all of them when ``num_devices`` equals their number), gives one device each.
     """
     if not per_document:
         raise DataError("no documents to partition")
@@ -149,9 +160,17 @@ def build_federated_data(documents: list[Document], tokenizer: Any, *, num_devic
 
     Eval is each document's tail (``eval_fraction``), or, when ``eval_documents`` are given (``data.eval_source``),
     those documents only: then every row of ``documents`` is training data and none of the eval documents is.
+
+    ``by_role`` (LEAF-style Shakespeare) first splits the plays among ``documents`` into their speaking roles
+    (``roles.speaking_roles``; other documents are skipped) and treats each role's text as a document: the eval
+    tail is then taken per role, from every role with rows whether or not it is chosen for a device, so eval does
+    not depend on ``num_devices``; a role qualifies for a device when it keeps a training row.
     """
     if not documents:
         raise DataError("no documents to train on (check data.source and data.documents)")
+    roles = speaking_roles(documents) if partition == "by_role" else None
+    if roles is not None:
+        documents = [role.document for role in roles]
     datasets, flags, counts = _tokenize_all(documents, tokenizer, seq_len, truncation, template)
     eval_counts = None
     if eval_documents is None:
@@ -174,7 +193,8 @@ def build_federated_data(documents: list[Document], tokenizer: Any, *, num_devic
         parts = [_seeded_subset(p, max_train_chunks_per_device, cap_rng) for p in parts]
 
     row_document = np.repeat(np.arange(len(documents)), train_sizes)  # (total train rows,) document of each row
-    device_documents = [[documents[d].name for d in np.unique(row_document[p])] for p in parts]
+    device_sources = [np.unique(row_document[p]) for p in parts]  # documents of each device
+    device_documents = [[documents[d].name for d in sources] for sources in device_sources]
     for k, p in enumerate(parts):
         if len(p) == 0:
             raise DataError(f"device {k} got no training rows (documents too short for train.seq_len = {seq_len}); "
@@ -193,7 +213,11 @@ def build_federated_data(documents: list[Document], tokenizer: Any, *, num_devic
     evaluation = pooled_eval.subset(eval_rows)
     devices = [{**_rows_summary(ds, train_flags[p]), "documents": names}
                for ds, p, names in zip(train, parts, device_documents)]
+    if roles is not None:  # one role per device
+        for device, sources in zip(devices, device_sources):
+            device.update(play=roles[sources[0]].play, role=roles[sources[0]].name)
+    tails = "tail of each document" if roles is None else "tail of each speaking role"
     eval_summary = {**_rows_summary(evaluation, eval_flags[eval_rows]),
-                    "source": "data.eval_source" if eval_documents is not None else "tail of each document"}
+                    "source": "data.eval_source" if eval_documents is not None else tails}
     report = DataReport(devices, eval_summary, counts, eval_counts, truncation, template)
     return FederatedData(train, evaluation, device_documents, report)
