@@ -1,8 +1,8 @@
 """LoRA adapters through PEFT: many named adapters on ONE frozen base model.
 
-Every simulated device gets its own named adapter (its own tensors, its own optimizer),
-injected into the shared base with ``peft.inject_adapter_in_model``; only the adapters
-of the role whose turn it is are active. Adapter state is exchanged as plain tensor
+Slots train on named adapters injected into the shared base with ``peft.inject_adapter_in_model``
+(a few, lent by ``adapters.pool`` to the slots whose turn it is); only the adapters of the role
+whose turn it is are active. Adapter state is exchanged as plain tensor
 dicts keyed the way PEFT saves them (``model.layers.3.self_attn.q_proj.lora_A.weight``),
 so the global adapter exports straight to PEFT's on-disk format.
 """
