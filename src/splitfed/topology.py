@@ -142,7 +142,12 @@ class Topology:
         return max(len(r.stages) for r in self.routes)
 
     def server_side_slots(self) -> tuple[frozenset[tuple[str, str]], ...]:
-        """Per route: the (worker, slot) keys of its stages after the first."""
+        """Per route: the (worker, slot) keys of its stages after the first (computed once: every split
+        step asks, and the routes never change)."""
+        return self._server_side_slots
+
+    @cached_property
+    def _server_side_slots(self) -> tuple[frozenset[tuple[str, str]], ...]:
         return tuple(frozenset(s.key for s in route.stages[1:]) for route in self.routes)
 
 

@@ -19,6 +19,7 @@ device's update is that of its own mean loss (it does not shrink with the group'
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -415,8 +416,12 @@ class StageWorker:
 
     # --- accounting ---------------------------------------------------------------------
     def held_bytes(self) -> int:
-        """Base weights of the slots' stages + their adapters + optimizer state (shared storages once)."""
-        tensors = [t for s in self.slots.values() for t in (*base_tensors(s.stage), *s.state_tensors())]
+        """Base weights of the slots' stages + their adapters + optimizer state (shared storages once).
+        Slots on the same layers of the same model share their base tensors: each span is walked once
+        (a server with a slot per device would otherwise walk its layers once per device)."""
+        stages = {(id(s.stage.model), s.stage.spec): s.stage for s in self.slots.values()}
+        tensors = [t for stage in stages.values() for t in base_tensors(stage)]
+        tensors += [t for s in self.slots.values() for t in s.state_tensors()]
         return unique_bytes(tensors)
 
     def peak_bytes(self) -> int:
@@ -424,4 +429,5 @@ class StageWorker:
 
     @property
     def trainable_params(self) -> int:
-        return sum(t.numel() for s in self.slots.values() for t in s.factors().values())
+        """LoRA parameters the slots train (from their layouts: a slot that has not trained yet counts too)."""
+        return sum(math.prod(shape) for s in self.slots.values() for shape in s.shapes().values())
