@@ -179,6 +179,53 @@ def _print_plan(result, out: Console) -> None:
 
 
 @app.command()
+def profile(
+    config: Annotated[Path, typer.Argument(help="TOML config: its model, LoRA, batch and seq_len are what is timed.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the profile (*.json).")],
+    cuts: Annotated[Optional[str], typer.Option("--cuts", help="Comma-separated cuts to time (default: 1, a quarter, "
+                                                "half and all of the layers).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed steps per cut (after one warm-up).")] = 3,
+    set_: SetOption = None,
+) -> None:
+    """Measure this machine's training throughput on the configured model and write a profile that
+    system.device_classes and system.server accept (a path in place of a class name)."""
+    import json
+
+    from rich.table import Table
+
+    from splitfed.config import ConfigError, load_config
+    from splitfed.models.families import num_layers
+    from splitfed.models.loading import load_model_config
+    from splitfed.system.measure import default_cuts, profile_machine
+
+    with user_errors():
+        if out.suffix != ".json":
+            raise ConfigError(f"--out {out}: a profile file ends in .json (that is how configs recognise it)")
+        cfg = load_config(config, set_ or [])
+        try:
+            chosen = [int(c) for c in cuts.split(",")] if cuts else default_cuts(num_layers(load_model_config(cfg.model.source)))
+        except ValueError:
+            raise ConfigError(f"--cuts {cuts!r}: allowed: comma-separated layer counts such as 1,4,15") from None
+        console = Console()
+        _quiet_libraries()
+        table = Table("cut", "forward s", "backward s", "GFLOP", "GFLOP/s", "saved activations MB")
+        with console.status("timing training steps"):
+            try:
+                result = profile_machine(cfg, chosen, repeats, progress=lambda s: console.print(
+                    f"cut {s['cut']}: {s['flop_per_s'] / 1e9:.1f} GFLOP/s"))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        for s in result["stages"]:
+            table.add_row(str(s["cut"]), f"{s['forward_s']:.3f}", f"{s['backward_s']:.3f}", f"{s['flops'] / 1e9:.1f}",
+                          f"{s['flop_per_s'] / 1e9:.1f}", f"{s['saved_activation_bytes'] / 2**20:.1f}")
+        console.print(table)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        console.print(f"{result['flops'] / 1e9:.1f} GFLOP/s (median over cuts) -> {out}; use it as "
+                      f"system.device_classes = [\"{out}\"] or system.server = \"{out}\"")
+
+
+@app.command()
 def serve(
     config: Annotated[Path, typer.Argument(help="TOML config with [runtime] kind = \"grpc\".")],
     out: OutOption = None,

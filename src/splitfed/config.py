@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from splitfed.registry import default_protocol, load_plugins, protocol_class, protocol_names
-from splitfed.system.profiles import DEVICE_CLASSES, SERVERS
+from splitfed.system.profiles import DEVICE_CLASSES, SERVERS, is_profile_file, load_profile
 from splitfed.wire.codecs import parse_pipeline
 
 
@@ -195,9 +195,11 @@ class SystemSection(_Section):
     """The simulated system behind ``sim_s``: device classes, server, OFDMA channel."""
 
     device_classes: list[str] = ["phone", "laptop", "jetson"]
-    """Device class per device, cycled (splitfed.system.profiles.DEVICE_CLASSES)."""
+    """Device class per device, cycled (splitfed.system.profiles.DEVICE_CLASSES), or the path of a profile
+    measured by ``splitfed profile`` (``*.json``: that machine's FLOP/s and memory, no spread)."""
     server: str = "edge_server"
-    """Server profile (splitfed.system.profiles.SERVERS): the server, or the cloud of a three-tier protocol."""
+    """Server profile (splitfed.system.profiles.SERVERS) or a measured profile file (``*.json``): the server,
+    or the cloud of a three-tier protocol."""
     edge: str = "edge_server"
     """Profile of each edge server of a three-tier protocol (splitllm)."""
     subchannels: int | None = Field(None, ge=1)
@@ -234,14 +236,21 @@ class SystemSection(_Section):
     @field_validator("device_classes")
     @classmethod
     def _known_classes(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in DEVICE_CLASSES]
+        unknown = [name for name in value if name not in DEVICE_CLASSES and not is_profile_file(name)]
         if unknown or not value:
-            raise ValueError(f"unknown device classes {unknown}; allowed: {', '.join(DEVICE_CLASSES)}")
+            raise ValueError(f"unknown device classes {unknown}; allowed: {', '.join(DEVICE_CLASSES)}, or a profile "
+                             "file (*.json, written by `splitfed profile`)")
+        for name in value:
+            if is_profile_file(name):
+                load_profile(name)
         return value
 
     @field_validator("server", "edge")
     @classmethod
     def _known_server(cls, value: str) -> str:
+        if is_profile_file(value):
+            load_profile(value)
+            return value
         return _one_of(value, SERVERS, "server profile")
 
 

@@ -7,7 +7,10 @@ them with a seed. Units: FLOP/s, bytes, watts, metres.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -44,6 +47,8 @@ class DeviceClass:
     memory_bytes: float
     max_power_w: float
     distance_m: tuple[float, float]
+    measured: bool = False
+    """A profile measured on a machine (``splitfed profile``): its devices get its FLOP/s, not a spread around it."""
 
 
 DEVICE_CLASSES: dict[str, DeviceClass] = {
@@ -59,14 +64,59 @@ SERVERS: dict[str, ServerProfile] = {
 }
 
 
+PROFILE_KIND = "splitfed-profile"
+"""The ``kind`` of a profile file written by ``splitfed profile``."""
+
+
+def is_profile_file(name: str) -> bool:
+    """A device class or server named by the path of a measured profile (``*.json``) instead of a table name."""
+    return name.endswith(".json")
+
+
+def load_profile(path: str) -> DeviceClass:
+    """The measured profile at ``path`` as a device class; ValueError naming the file and what is wrong."""
+    try:
+        return _load_profile(path, Path(path).stat().st_mtime_ns)  # read once per version of the file
+    except OSError as error:
+        raise ValueError(f"profile file {path!r}: {error.strerror}") from None
+
+
+@lru_cache(maxsize=64)
+def _load_profile(path: str, version: int) -> DeviceClass:
+    try:
+        tree = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"profile file {path!r}: {error}") from None
+    if not isinstance(tree, dict) or tree.get("kind") != PROFILE_KIND:
+        raise ValueError(f"profile file {path!r} is not a splitfed profile (write one with `splitfed profile`)")
+    values = {}
+    for key in ("flops", "memory_bytes", "max_power_w"):
+        value = tree.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"profile file {path!r}: {key} is {value!r}; allowed: a number > 0")
+        values[key] = float(value)
+    distance = tree.get("distance_m")
+    if (not isinstance(distance, list) or len(distance) != 2 or not all(isinstance(d, int | float) for d in distance)
+            or not 0 < distance[0] <= distance[1]):
+        raise ValueError(f"profile file {path!r}: distance_m is {distance!r}; allowed: [low, high] metres, 0 < low <= high")
+    return DeviceClass(values["flops"], values["memory_bytes"], values["max_power_w"], (float(distance[0]),
+                       float(distance[1])), measured=True)
+
+
 def _lookup(table: dict, name: str, what: str):
+    if is_profile_file(name):
+        return load_profile(name)
     if name not in table:
-        raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(table)}")
+        raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(table)}, or a profile file (*.json)")
     return table[name]
 
 
 def server_profile(name: str) -> ServerProfile:
-    return _lookup(SERVERS, name, "server profile")
+    """A server profile from the table, or measured (a profile file: its FLOP/s and memory; 1 W downlink)."""
+    found = _lookup(SERVERS, name, "server profile")
+    if isinstance(found, DeviceClass):
+        return ServerProfile(name, found.flops, found.memory_bytes, power_w=1.0)
+    return found
 
 
 def population(count: int, seed: int, classes: list[str] | None = None, spread: float = 0.25) -> list[DeviceProfile]:
@@ -80,8 +130,8 @@ def population(count: int, seed: int, classes: list[str] | None = None, spread: 
         low, high = cls.distance_m
         devices.append(
             DeviceProfile(
-                name=f"{name}{u}",
-                flops=cls.flops * float(rng.lognormal(0.0, spread)),
+                name=f"{Path(name).stem if is_profile_file(name) else name}{u}",
+                flops=cls.flops * (1.0 if cls.measured else float(rng.lognormal(0.0, spread))),
                 memory_bytes=cls.memory_bytes,
                 max_power_w=cls.max_power_w,
                 distance_m=float(rng.uniform(low, high)),

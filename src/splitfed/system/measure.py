@@ -1,0 +1,113 @@
+"""Measure this machine as a device or server profile (``splitfed profile``).
+
+The clock and the planners price compute as FLOPs / (FLOP/s of the machine). The declared device
+classes (``system.profiles``) are round numbers; this module times real training steps of the
+configured model on this machine, one first stage per cut (LoRA of the configured rank and targets,
+the configured batch and sequence length, fp32), and divides the cost model's FLOPs of that stage by
+the measured time. The result is a profile file that ``system.device_classes`` and ``system.server``
+accept in place of a class name. The radio (transmit power, distance) is not measured: the file
+carries the ``laptop`` class's values, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from splitfed.adapters.layout import AdapterLayout
+from splitfed.adapters.lora import activate, add_adapter, layout_config, lora_layers, remove_adapter
+from splitfed.config import RunConfig
+from splitfed.models.families import family_for, num_layers
+from splitfed.models.loading import load_model
+from splitfed.models.split import Stage, StageSpec, position_ids_for, token_loss_sum
+from splitfed.roles.accounting import ActivationMeter, module_tensors
+from splitfed.system.costs import layer_costs, stage_flops, weight_bytes
+from splitfed.system.profiles import DEVICE_CLASSES, PROFILE_KIND
+
+RADIO_DEFAULTS = "laptop"
+"""The device class whose transmit power and distances a measured profile carries (not measured)."""
+
+
+def default_cuts(total_layers: int) -> list[int]:
+    """A few cuts from shallow to the whole model: 1, a quarter, a half, all layers."""
+    return sorted({1, max(1, total_layers // 4), max(1, total_layers // 2), total_layers})
+
+
+def _time_stage(stage: Stage, batch: int, seq: int, vocab: int, repeats: int) -> tuple[float, float, int]:
+    """Median forward and backward seconds of one training step of ``stage`` (one warm-up step first),
+    and the bytes autograd saved for backward."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)  # (batch, seq)
+    mask = torch.ones_like(ids)
+    meter, held = ActivationMeter(), module_tensors(stage.owned_modules())
+    forward, backward = [], []
+    for repeat in range(repeats + 1):
+        started = time.perf_counter()
+        with meter.measure(exclude=held):
+            out = stage(ids, mask, position_ids_for(mask))
+            if stage.spec.last:
+                loss_sum, tokens = token_loss_sum(out, ids)
+                out = loss_sum / max(tokens, 1)
+        middle = time.perf_counter()
+        out.backward(None if stage.spec.last else torch.ones_like(out))  # a server's gradient costs the same
+        ended = time.perf_counter()
+        stage.model.zero_grad(set_to_none=True)
+        if repeat:  # the first step warms up allocator and kernels
+            forward.append(middle - started)
+            backward.append(ended - middle)
+    return statistics.median(forward), statistics.median(backward), meter.last
+
+
+def profile_machine(config: RunConfig, cuts: list[int], repeats: int = 3,
+                    progress: Callable[[dict], None] | None = None) -> dict:
+    """Time a training step of the first stage at each of ``cuts`` on this machine; returns the profile
+    (JSON-able): ``flops`` is the median over the cuts of FLOPs / measured seconds."""
+    model = load_model(config.model.source)
+    model.requires_grad_(False)
+    family = family_for(model.config)
+    total = num_layers(model.config)
+    bad = [c for c in cuts if not 1 <= c <= total]
+    if bad:
+        raise ValueError(f"--cuts {bad}: allowed 1..{total} (this model's layers)")
+    costs = layer_costs(model.config, config.lora.targets)
+    lora, train = config.lora, config.train
+    stages = []
+    for cut in cuts:
+        last = cut == total
+        name = f"profile{cut}"
+        add_adapter(model, name, layout_config(family, AdapterLayout(range(cut), tuple(lora.targets), lora.rank,
+                                                                     lora.alpha / lora.rank)))
+        stage = Stage(model, StageSpec(0, cut, True, last), family)
+        activate([m for owned in stage.owned_modules() for m in lora_layers(owned)], [name])
+        forward_s, backward_s, saved = _time_stage(stage, train.batch_size, train.seq_len, model.config.vocab_size,
+                                                   repeats)
+        flops = stage_flops(costs, cut, train.batch_size, train.seq_len, lora.rank, True, last)
+        entry = {"cut": cut, "layers": cut, "lm_head": last, "forward_s": forward_s, "backward_s": backward_s,
+                 "flops": flops.total, "flop_per_s": flops.total / (forward_s + backward_s),
+                 "forward_flop_per_s": flops.forward / forward_s, "backward_flop_per_s": flops.backward / backward_s,
+                 "weight_bytes": int(weight_bytes(costs, cut, True, last)), "saved_activation_bytes": saved,
+                 "saved_activation_bytes_per_layer": saved / cut}
+        stages.append(entry)
+        remove_adapter(model, name)
+        if progress is not None:
+            progress(entry)
+    radio = DEVICE_CLASSES[RADIO_DEFAULTS]
+    return {
+        "kind": PROFILE_KIND, "version": 1,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
+        "model": config.model.source, "dtype": "float32", "batch_size": train.batch_size, "seq_len": train.seq_len,
+        "lora_rank": lora.rank, "lora_targets": list(lora.targets), "repeats": repeats,
+        "flops": statistics.median(s["flop_per_s"] for s in stages),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "max_power_w": radio.max_power_w, "distance_m": list(radio.distance_m),
+        "radio": f"not measured: the {RADIO_DEFAULTS!r} class's transmit power and distances",
+        "memory": "host memory of this machine; per stage, weights from the cost model and activations saved for "
+                  "backward as counted by the roles' meter (the CPU allocator keeps no peak statistics)",
+        "stages": stages,
+    }
