@@ -280,7 +280,6 @@ def run_edge(config: RunConfig, index: int, *, token: str | None = None) -> None
     serves until the cloud stops every slot stream."""
     runtime = config.runtime
     edge = host_edge(config, index)
-    _, topology = run_topology(config)
     token = token if token is not None else _edge_setting(config, runtime.edge_tokens, index, "edge_tokens")
     address = _edge_setting(config, runtime.edge_addresses, index, "edge_addresses")
     users = sorted(set().union(*edge.slot_routes.values()))

@@ -155,8 +155,9 @@ def target_modules(model: nn.Module, family: Family, layers, targets) -> dict[st
     return found
 
 
-def lora_layers(model: nn.Module) -> list[LoraLayer]:
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+def lora_layers(*modules: nn.Module) -> list[LoraLayer]:
+    """The LoRA-wrapped layers inside ``modules`` (a model, or the modules a stage owns)."""
+    return [m for module in modules for m in module.modules() if isinstance(m, LoraLayer)]
 
 
 def activate(layers: list[LoraLayer], names: list[str]) -> None:

@@ -26,9 +26,7 @@ from splitfed.models.families import Family
 class PooledAdapter:
     """One named adapter of the model and who holds it now."""
 
-    model: nn.Module
     name: str
-    layout: AdapterLayout
     params: dict[str, nn.Parameter]
     """Canonical key (adapter name removed) -> trainable tensor."""
     holder: object | None = None
@@ -88,4 +86,4 @@ class AdapterPool:
         with torch.random.fork_rng(devices=[]):  # PEFT's initial values are overwritten; the run's RNG is not touched
             add_adapter(model, name, layout_config(self.family, layout, self.dropout))
         unfreeze(lora_layers(model))  # adapters with a forward in flight must keep their gradients
-        return PooledAdapter(model, name, layout, adapter_parameters(model, name))
+        return PooledAdapter(name, adapter_parameters(model, name))

@@ -171,7 +171,7 @@ class Protocol(ABC):
         self.global_layout = AdapterLayout(range(self.total_layers), tuple(lora.targets), self.global_rank,
                                            lora.alpha / lora.rank)
         """The exported global adapter: every layer at the largest rank of any stage."""
-        self._add_adapter(self.model, GLOBAL_ADAPTER, self.global_layout)
+        add_adapter(self.model, GLOBAL_ADAPTER, layout_config(self.family, self.global_layout, lora.dropout))
         self.aggregator = Aggregator(get_adapter_state(self.model, GLOBAL_ADAPTER), self.family,
                                      self.config.aggregation.method, lora.alpha / lora.rank, self.config.seed)
         self.merged: dict[tuple[str, str], int] = {}
@@ -184,9 +184,6 @@ class Protocol(ABC):
 
     def layout_of(self, stage: StagePlacement) -> AdapterLayout:
         return adapter_layout(self.config, stage)
-
-    def _add_adapter(self, model: nn.Module, name: str, layout: AdapterLayout) -> None:
-        add_adapter(model, name, layout_config(self.family, layout, self.config.lora.dropout))
 
     def dataset(self, device: int) -> TokenDataset:
         """Training data of device ``device``'s first stage."""

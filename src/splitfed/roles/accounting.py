@@ -8,7 +8,7 @@ saves for backward (parameters excluded). Peak = held bytes + largest saved-acti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -31,8 +31,9 @@ def module_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
     return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+def optimizer_tensors(state: Mapping) -> list[torch.Tensor]:
+    """The tensors of an optimizer's per-parameter state (``optimizer.state``, or a state_dict's ``"state"``)."""
+    return [v for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
 
 
 class ActivationMeter:

@@ -110,7 +110,7 @@ class Slot:
             previous.park()
         self.adapter = adapter
         self.params = list(adapter.params.values())
-        self.lora_layers = [m for owned in self.stage.owned_modules() for m in lora_layers(owned)]
+        self.lora_layers = lora_layers(*self.stage.owned_modules())
         self.held_tensors = module_tensors(self.stage.owned_modules())
         self.optimizer = make_optimizer(self.params, self.train)
         factors, optimizer_state = self.saved if self.saved is not None else (None, None)
@@ -157,13 +157,9 @@ class Slot:
     def state_tensors(self) -> list[torch.Tensor]:
         """What this slot holds of its own: LoRA factors and optimizer state."""
         if self.adapter is not None:
-            return [*self.params, *optimizer_tensors(self.optimizer)]
-        if self.saved is None:
-            return []
-        factors, optimizer_state = self.saved
-        moments = [v for state in (optimizer_state or {}).get("state", {}).values()
-                   for v in state.values() if isinstance(v, torch.Tensor)]
-        return [*factors.values(), *moments]
+            return [*self.params, *optimizer_tensors(self.optimizer.state)]
+        factors, optimizer_state = self.saved or ({}, None)
+        return [*factors.values(), *optimizer_tensors((optimizer_state or {}).get("state", {}))]
 
     def discard_pending(self) -> None:
         """Drop what an unfinished step left: gradients whose optimizer step never came, a forward's graph."""

@@ -83,7 +83,7 @@ def profile_machine(config: RunConfig, cuts: list[int], repeats: int = 3,
         add_adapter(model, name, layout_config(family, AdapterLayout(range(cut), tuple(lora.targets), lora.rank,
                                                                      lora.alpha / lora.rank)))
         stage = Stage(model, StageSpec(0, cut, True, last), family)
-        activate([m for owned in stage.owned_modules() for m in lora_layers(owned)], [name])
+        activate(lora_layers(*stage.owned_modules()), [name])
         forward_s, backward_s, saved = _time_stage(stage, train.batch_size, train.seq_len, model.config.vocab_size,
                                                    repeats)
         flops = stage_flops(costs, cut, train.batch_size, train.seq_len, lora.rank, True, last)
