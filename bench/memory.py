@@ -28,9 +28,10 @@ COMMON = {
 }
 
 
-def run_child(protocol: str, devices: int) -> dict:
-    """Run one short experiment in a fresh process; return its summary and peak RSS."""
-    tree = {**COMMON, "protocol": protocol, "devices": {"count": devices, "cuts": [4]}}
+def run_child(protocol: str, devices: int, compute: dict | None = None) -> dict:
+    """Run one short experiment in a fresh process (placed by the ``compute`` section); return its summary,
+    peak RSS and, on CUDA, the process's peak allocated GPU memory."""
+    tree = {**COMMON, "protocol": protocol, "devices": {"count": devices, "cuts": [4]}, "compute": compute or {}}
     with tempfile.TemporaryDirectory() as out:
         code = (
             "import json, resource, sys\n"
@@ -39,6 +40,9 @@ def run_child(protocol: str, devices: int) -> dict:
             "from splitfed.run import run\n"
             f"summary = run(parse_config(json.loads({json.dumps(json.dumps(tree))})), Path({out!r}), progress=False)\n"
             "summary['rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            "import torch\n"
+            "from splitfed.roles.accounting import cuda_peak_bytes\n"
+            "summary['cuda_peak_bytes'] = cuda_peak_bytes() if torch.cuda.is_available() else None\n"
             "print(json.dumps(summary))\n"
         )
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,12 +7,12 @@ need the model's layer count (read from the model's config, never its weights).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from typing import Any
-
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from splitfed.registry import default_protocol, load_plugins, protocol_class, protocol_names
@@ -254,6 +254,73 @@ class SystemSection(_Section):
         return _one_of(value, SERVERS, "server profile")
 
 
+TORCH_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|auto)$")
+TIER_FIELDS = {"device": "device", "server": "server", "edge": "edge", "cloud": "cloud"}
+"""Topology tier -> the ``compute`` field that places it."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available_devices() -> list[str]:
+    """The torch devices this process can use: ``cpu``, ``cuda:i`` per visible GPU, ``mps`` on Apple silicon."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+class ComputeSection(_Section):
+    """Where each tier's stages run (a torch device) and the precision of the frozen base weights.
+
+    LoRA factors and optimizer state stay float32 whatever ``dtype`` is; activations and their
+    gradients cross the wire in ``dtype`` unless a codec of ``compression`` says otherwise.
+    ``auto`` takes the first GPU (CUDA, then MPS) this process finds, else the CPU."""
+
+    device: str = "cpu"
+    """Devices (users of a three-tier protocol): ``cpu``, ``cuda``, ``cuda:i``, ``mps`` or ``auto``."""
+    server: str = "cpu"
+    """The server (two tiers), with the aggregator, the evaluation and the export."""
+    edge: str = "cpu"
+    """Each edge server of a three-tier protocol."""
+    cloud: str | None = None
+    """The cloud of a three-tier protocol, with the aggregator; None: as ``server``."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The frozen base weights and the activations between stages."""
+
+    @field_validator("device", "server", "edge", "cloud")
+    @classmethod
+    def _device_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not TORCH_DEVICE.match(value):
+            raise ValueError(f"compute.{info.field_name}: {value!r} is not a device; allowed: cpu, cuda, cuda:<index>, "
+                             "mps, auto")
+        return value
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def field_of(self, tier: str) -> str:
+        """The field that places ``tier`` (``device``, ``server``, ``edge``, ``cloud``)."""
+        field = TIER_FIELDS.get(tier, "server")
+        return "server" if field == "cloud" and self.cloud is None else field
+
+    def torch_device(self, tier: str) -> torch.device:
+        """The device ``tier`` runs on in this process; ConfigError naming the field and what this
+        machine has when it is not here (checked before any model loads)."""
+        field = self.field_of(tier)
+        name = getattr(self, field)
+        available = available_devices()
+        if name == "auto":
+            name = next((d for d in available if d != "cpu"), "cpu")
+        elif name == "cuda" and any(d.startswith("cuda") for d in available):
+            name = "cuda:0"
+        if name not in available:
+            raise ConfigError(f"compute.{field} = {getattr(self, field)!r}: no such device on this machine; "
+                              f"available: {', '.join(available)}")
+        return torch.device(name)
+
+
 class RuntimeSection(_Section):
     """How roles talk: in one process (default), as gRPC processes (``splitfed serve`` / ``splitfed device``),
     or with devices in Ray actors over a cluster."""
@@ -323,6 +390,7 @@ class RunConfig(_Section):
     runtime: RuntimeSection = RuntimeSection()
     compression: CompressionSection = CompressionSection()
     system: SystemSection = SystemSection()
+    compute: ComputeSection = ComputeSection()
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="before")

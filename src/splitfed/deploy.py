@@ -70,11 +70,12 @@ def host_devices(config: RunConfig, devices: list[int], data_path: str | None = 
         torch.set_num_threads(config.runtime.device_threads)
     if data_path is not None and len(devices) != 1:
         raise ConfigError("a data path of its own is for one device")
+    device = config.compute.torch_device("device")  # an absent accelerator is refused before anything loads
     plan, topology = run_topology(config, with_data=data_path is None)
     model_dir = str(prepare_model(config.model.source))
     stages = {u: topology.routes[u].first for u in devices}
     cover = StageSpec(0, max(s.end for s in stages.values()), first=True, last=any(s.last for s in stages.values()))
-    model = load_stage_model(model_dir, cover)
+    model = load_stage_model(model_dir, cover, config.compute.torch_dtype, device)
     family = family_for(model.config)
     tokenizer = load_tokenizer(config.model.source)
     if data_path is None:
@@ -110,7 +111,8 @@ def message_bounds(config: RunConfig) -> Bounds:
     model_config = load_model_config(config.model.source)
     largest_rank = protocol_class(config.protocol).largest_rank(config)
     return Bounds(int(model_config.hidden_size), int(model_config.vocab_size), config.train.seq_len,
-                  config.train.batch_size, max_merge_rank=config.devices.count * largest_rank)
+                  config.train.batch_size, max_merge_rank=config.devices.count * largest_rank,
+                  activation_dtype=config.compute.torch_dtype)
 
 
 def remote_devices(config: RunConfig, transport, concurrent: bool = True) -> RemoteDevices:
@@ -253,8 +255,10 @@ def host_edge(config: RunConfig, index: int) -> EdgeServer:
     if not slots:
         edges = sorted(w for w in topology.workers() if topology.tier_of(w) == EDGE_TIER)
         raise ConfigError(f"--id {index}: this run has no {name}; its edge servers: {edges or 'none'}")
+    device = config.compute.torch_device(EDGE_TIER)  # before any weights load
     model = load_stage_model(str(prepare_model(config.model.source)),
-                             StageSpec(min(s.start for s in slots), max(s.end for s in slots), False, False))
+                             StageSpec(min(s.start for s in slots), max(s.end for s in slots), False, False),
+                             config.compute.torch_dtype, device)
     family = family_for(model.config)
     worker = StageWorker(name, config.train, adapter_pool(config, family))
     bounds = {}

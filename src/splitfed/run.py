@@ -22,6 +22,7 @@ from splitfed.config import ConfigError, RunConfig
 from splitfed.data.partition import FederatedData, build_federated_data
 from splitfed.data.sources import Document, load_documents
 from splitfed.export import export_run
+from splitfed.models.families import num_layers
 from splitfed.models.loading import load_model, load_model_config, load_tokenizer, prepare_model
 from splitfed.protocols.base import Context, Protocol, RoundFailed
 from splitfed.registry import protocol_class
@@ -85,8 +86,9 @@ RESULTS = ("metrics.jsonl", "summary.json", "checkpoints")
 ARTEFACTS = ("config.json", "metrics.jsonl", "summary.json", "adapter", "merged", "checkpoints",
              "loss.png", "perplexity.png", "bytes.png", "memory.png", "tensorboard")
 """What ``overwrite`` deletes before a new run (other files in the directory are left alone)."""
-_MAY_CHANGE_ON_RESUME = {"train.rounds", "train.keep_checkpoints", "devices.memory_mb"}
-_MATH_SECTIONS = ("model", "data", "lora", "train", "aggregation", "compression", "devices")
+_MAY_CHANGE_ON_RESUME = {"train.rounds", "train.keep_checkpoints", "devices.memory_mb", "compute.device",
+                         "compute.server", "compute.edge", "compute.cloud"}
+_MATH_SECTIONS = ("model", "data", "lora", "train", "aggregation", "compression", "devices", "compute")
 
 
 def check_run_dir(plan: ValidatedRun, out: Path, *, resume: bool = False, resume_from: str | None = None,
@@ -158,7 +160,7 @@ def _check_resumable(plan: ValidatedRun, out: Path) -> None:
         raise ConfigError(
             f"cannot resume the run in {out}: the config differs from the run's in fields that change the "
             f"training: {changes}. Only train.rounds (and fields such as runtime.*, system.*, "
-            "train.keep_checkpoints) may change on --resume; use --overwrite to start again, or another --out"
+            "compute.device / server / edge / cloud, train.keep_checkpoints) may change on --resume; use --overwrite to start again, or another --out"
         )
 
 
@@ -251,13 +253,28 @@ def _perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def place_roles(plan: ValidatedRun, remote: RemoteDevices | None = None) -> torch.device:
+    """Check that every tier this process runs has its ``compute`` device here (ConfigError naming the
+    field and the devices this machine has, before any weights load); return the aggregator's device."""
+    config = plan.config
+    topology = protocol_class(config.protocol).topology(config, plan.cuts,
+                                                        num_layers(load_model_config(config.model.source)))
+    elsewhere = {"device", "edge"} if remote is not None else set()  # their own processes place them
+    for tier in sorted({s.tier for route in topology.routes for s in route.stages} - elsewhere):
+        config.compute.torch_device(tier)
+    workers = topology.workers()
+    return config.compute.torch_device(topology.tier_of(topology.aggregator) if topology.aggregator in workers
+                                       else "server")
+
+
 def build_protocol(plan: ValidatedRun, log, remote: RemoteDevices | None = None) -> tuple[Protocol, FederatedData]:
     """Load the model and data of a validated plan and build the protocol's roles."""
     config = plan.config
+    device = place_roles(plan, remote)
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     model_dir = prepare_model(config.model.source)
-    model = load_model(config.model.source)
+    model = load_model(config.model.source, config.compute.torch_dtype, device)
     data = build_data(plan, load_tokenizer(config.model.source))
     protocol = protocol_class(config.protocol)(Context(config, model, str(model_dir), data, plan.cuts, log, remote))
     return protocol, data
@@ -284,6 +301,7 @@ def run(
         raise ConfigError("runtime.kind = 'ray': use `splitfed run` or, in Python, splitfed.deploy.run_on_ray "
                           "(splitfed.run.run runs every role in this process)")
     plan = plan_run(config)  # fail on a bad config before creating anything
+    place_roles(plan, remote)
     checkpoint = check_run_dir(plan, out, resume=resume, resume_from=resume_from, overwrite=overwrite)
     if overwrite:
         clear_run_dir(out)

@@ -80,10 +80,15 @@ HSPLITLORA = ("[]\nmemory_mb = [1.0, 2.0, 4.0, 2.0]\nranks = [2, 4, 8, 4]",
               STACK + "[hsplitlora]\nreconfigure_threshold = 0.0\n")
 
 
+BF16 = '[compute]\ndtype = "bfloat16"\n'  # activations and their gradients cross the wire in bf16
+
+
 @pytest.mark.parametrize(("protocol", "cuts", "extra"), [("sfl", "[2]", ""), ("memsfl", "[1, 2, 4]", COMPRESSED),
                                                          ("memsfl", "[1, 2, 4]\nranks = [2, 4, 8, 4]", STACK),
-                                                         ("hsplitlora", *HSPLITLORA)],
-                         ids=["sfl", "memsfl-compressed", "memsfl-stack", "hsplitlora"])
+                                                         ("hsplitlora", *HSPLITLORA), ("sfl", "[2]", BF16),
+                                                         ("memsfl", "[1, 2, 4]", COMPRESSED + BF16)],
+                         ids=["sfl", "memsfl-compressed", "memsfl-stack", "hsplitlora", "sfl-bf16",
+                              "memsfl-compressed-bf16"])
 def test_grpc_processes_match_in_process_run(tiny_llama_dir, corpus_dir, tmp_path, protocol, cuts, extra):
     config_path = tmp_path / "config.toml"
     write_config(config_path, tiny_llama_dir, corpus_dir, protocol, cuts, free_port(), extra)

@@ -41,6 +41,22 @@ def test_profile_times_each_cut_and_derives_flops(measured):
     assert profile["flops"] > 0 and profile["memory_bytes"] > 0 and "not measured" in profile["radio"]
 
 
+def test_profile_of_a_bf16_base(tiny_llama_dir, corpus_dir, tmp_path, measured):
+    _, fp32 = measured
+    config = tmp_path / "c.toml"
+    config.write_text(f'protocol = "sfl"\n[model]\nsource = "{tiny_llama_dir}"\n[data]\nsource = "{corpus_dir}"\n'
+                      "[lora]\nrank = 2\n[train]\nbatch_size = 2\nseq_len = 16\n[devices]\ncount = 2\ncuts = [1]\n"
+                      '[compute]\ndtype = "bfloat16"\n')
+    out = tmp_path / "bf16.json"
+    result = CliRunner().invoke(app, ["profile", str(config), "--out", str(out), "--cuts", "1,2", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(out.read_text())
+    assert (profile["dtype"], profile["device"], fp32["dtype"]) == ("bfloat16", "cpu", "float32")
+    for half, full in zip(profile["stages"], fp32["stages"], strict=True):
+        assert half["weight_bytes"] * 2 == full["weight_bytes"]
+        assert 0 < half["saved_activation_bytes"] < full["saved_activation_bytes"]
+
+
 def test_a_config_accepts_the_profile_and_the_clock_uses_it(measured, tiny_llama_dir, corpus_dir):
     path, profile = measured
     config = tiny_run_config(tiny_llama_dir, corpus_dir, "sfl", system={"device_classes": [str(path)], "server": str(path)})

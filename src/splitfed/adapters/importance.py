@@ -49,7 +49,8 @@ class ScoreMeter:
             linear_part = output.detach() - (affine.bias.detach() if affine.bias is not None else 0)  # W x
 
             def gradient_hook(grad: torch.Tensor) -> None:  # grad: dL/dy, (batch, seq, out)
-                self.sums[name] += (grad.double() * linear_part.double()).sum()
+                wide = torch.float32 if grad.device.type == "mps" else torch.float64  # MPS has no float64
+                self.sums[name] += (grad.to(wide) * linear_part.to(wide)).sum().to("cpu", torch.float64)
 
             output.register_hook(gradient_hook)
 

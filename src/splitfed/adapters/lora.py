@@ -75,11 +75,17 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
-    """Inject a new named adapter into ``model`` (in place)."""
+    """Inject a new named adapter into ``model`` (in place), in float32 whatever the base's dtype: PEFT
+    casts a new adapter to its base layer's dtype (its initial values pass through that dtype once),
+    and its forward casts inputs to the adapter's dtype and the sum back to the base's."""
     with warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model, adapter_name=name)
-    if not adapter_parameters(model, name):
+    params = adapter_parameters(model, name)
+    for param in params.values():
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
+    if not params:
         raise ValueError(
             f"lora.targets {config.target_modules} matched no module in layers "
             f"{sorted(config.layers_to_transform)}; check the module names of this architecture"
@@ -104,7 +110,8 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
 
 
 def get_adapter_state(model: nn.Module, name: str) -> AdapterState:
-    return {k: p.detach().clone() for k, p in adapter_parameters(model, name).items()}
+    """Copies of adapter ``name``'s tensors on the CPU (where aggregation runs, whatever the model's device)."""
+    return {k: p.detach().to("cpu").clone() for k, p in adapter_parameters(model, name).items()}
 
 
 def set_adapter_state(model: nn.Module, name: str, state: AdapterState, strict: bool = True) -> None:
@@ -137,7 +144,7 @@ def fit_rank(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """
     if tensor.shape == shape:
         return tensor
-    out = torch.zeros(shape, dtype=tensor.dtype)
+    out = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
     rows, cols = min(shape[0], tensor.shape[0]), min(shape[1], tensor.shape[1])
     out[:rows, :cols] = tensor[:rows, :cols]
     return out

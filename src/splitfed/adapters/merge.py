@@ -39,7 +39,7 @@ def merge_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], fan_in_fa
     with torch.no_grad():
         for path, delta in deltas.items():
             weight = base_linear(model.get_submodule(path)).weight
-            weight += (delta.T if fan_in_fan_out else delta).to(weight.dtype)
+            weight += (delta.T if fan_in_fan_out else delta).to(weight.device, weight.dtype)
 
 
 def restart_adapter(model: nn.Module, name: str) -> None:

@@ -178,14 +178,14 @@ def _check_weights(path: Path) -> None:
         raise _corrupt_weights(path, _safetensors_reason(error)) from None
 
 
-def load_model(source: str) -> nn.Module:
-    """The whole model in fp32, frozen, in eval mode."""
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+    """The whole model in ``dtype`` on ``device``, frozen, in eval mode."""
     directory = _require_prepared(source)
     for path in sorted(directory.glob("model*.safetensors")):  # one file, or the shards of a sharded model
         _check_weights(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, local_files_only=True, output_loading_info=True
+            directory, dtype=dtype, local_files_only=True, output_loading_info=True
         )
     except SafetensorError as error:
         raise _corrupt_weights(directory / WEIGHTS_FILE, _safetensors_reason(error)) from None
@@ -193,17 +193,18 @@ def load_model(source: str) -> nn.Module:
     if missing:  # transformers would train on randomly initialised weights in their place
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise _corrupt_weights(directory / WEIGHTS_FILE, f"no tensor for {missing[0]!r}{more}")
-    return _frozen(model)
+    return _frozen(model.to(device))
 
 
-def load_stage_model(source: str, spec: StageSpec) -> nn.Module:
-    """A model object in which only ``spec``'s modules hold real weights; the rest stay on
-    the meta device (no memory). This is what a device or server process loads."""
+def load_stage_model(source: str, spec: StageSpec, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> nn.Module:
+    """A model object in which only ``spec``'s modules hold real weights (in ``dtype`` on ``device``);
+    the rest stay on the meta device (no memory). This is what a device or server process loads."""
     directory = _require_prepared(source)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     family = family_for(config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     paths = [family.layer_prefix(i).rstrip(".") for i in spec.layers]
     if spec.first:
         paths += family.embed_paths
@@ -218,7 +219,7 @@ def load_stage_model(source: str, spec: StageSpec) -> nn.Module:
             available = set(weights.keys())
             for path in paths:
                 module = model.get_submodule(path)
-                module.to_empty(device="cpu")
+                module.to_empty(device=device)
                 for name, tensor in module.state_dict().items():
                     key = _weight_key(f"{path}.{name}", available, config)
                     if key is None:
@@ -230,10 +231,10 @@ def load_stage_model(source: str, spec: StageSpec) -> nn.Module:
                     tensor.copy_(stored)
     except SafetensorError as error:
         raise _corrupt_weights(weights_file, _safetensors_reason(error)) from None
-    for path in family.shared_paths:  # weight-free modules (rotary): rebuild their buffers on CPU
+    for path in family.shared_paths:  # weight-free modules (rotary): rebuild their buffers (fp32, as loaded whole)
         parent, _, child = path.rpartition(".")
         old = model.get_submodule(path)
-        setattr(model.get_submodule(parent), child, type(old)(config=config))
+        setattr(model.get_submodule(parent), child, type(old)(config=config).to(device))
     return _frozen(model)
 
 

@@ -58,6 +58,10 @@ class Stage:
         self.spec = spec
         self.family = family or family_for(model.config)
         self._layers = model.get_submodule(self.family.layers_path)
+        weight = next(p for m in self.owned_modules() for n, p in m.named_parameters()
+                      if ".lora_" not in f".{n}" and p.device.type != "meta")
+        self.device, self.dtype = weight.device, weight.dtype
+        """Where the stage's base weights are and their precision: what its inputs are moved and cast to."""
 
     def owned_modules(self) -> list[nn.Module]:
         """Modules whose weights this stage needs (what a process running it must hold)."""
@@ -76,8 +80,13 @@ class Stage:
         """inputs: token ids (batch, seq) for the first stage, else hidden (batch, seq, hidden).
 
         Returns hidden (batch, seq, hidden), or logits (batch, seq, vocab) from the last stage.
+        Inputs from another device or in another precision are moved and cast to the stage's.
         """
-        hidden = self.family.embed(self.model, inputs, position_ids) if self.spec.first else inputs
+        attention_mask, position_ids = attention_mask.to(self.device), position_ids.to(self.device)
+        if self.spec.first:
+            hidden = self.family.embed(self.model, inputs.to(self.device), position_ids)
+        else:
+            hidden = inputs.to(self.device, self.dtype)
         mask = create_causal_mask(
             config=self.model.config,
             inputs_embeds=hidden,
@@ -115,7 +124,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     The labels are shifted (not the logits), so the large logits tensor is never copied.
     Summing (not averaging) lets a server weight several devices' batches exactly.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (batch * seq,)
+    targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX).reshape(-1)  # (batch * seq,)
     flat_logits = logits.float().reshape(-1, logits.shape[-1])  # a view for contiguous fp32 logits
     total = F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, int((targets != IGNORE_INDEX).sum())

@@ -33,7 +33,7 @@ from splitfed.config import ProtocolOptions, RunConfig
 from splitfed.data.batches import TokenDataset, iterate_batches
 from splitfed.data.partition import FederatedData
 from splitfed.models.families import Family, family_for, num_layers
-from splitfed.models.loading import load_stage_model
+from splitfed.models.loading import load_model, load_stage_model
 from splitfed.models.split import Stage, StageSpec, position_ids_for, token_loss_sum
 from splitfed.optim import lr_at
 from splitfed.roles.aggregator import Aggregator
@@ -72,7 +72,8 @@ class RoundFailed(RuntimeError):
 class Context:
     config: RunConfig
     model: nn.Module
-    """The one frozen base model of this process (all simulated workers share it)."""
+    """The frozen base model of this process on the aggregator's device (``compute.server``, or ``compute.cloud``):
+    every simulated worker placed on that device shares it, and it serves the evaluation and the export."""
     model_dir: str
     """Where the base weights live, for slots that run on their own copy of the base."""
     data: FederatedData
@@ -154,6 +155,8 @@ class Protocol(ABC):
         self.ctx = ctx
         self.config = ctx.config
         self.model = ctx.model
+        self._models = {ctx.model.get_input_embeddings().weight.device: ctx.model}
+        """The base model on each torch device simulated workers of this process run on (``compute``)."""
         self.family: Family = family_for(ctx.model.config)
         self.total_layers = num_layers(ctx.model.config)
         self.topo = type(self).topology(self.config, ctx.cuts, self.total_layers)
@@ -230,10 +233,12 @@ class Protocol(ABC):
             worker = StageWorker(name, self.config.train, self.pool)
             for placement in slots:
                 spec = StageSpec(placement.start, placement.end, placement.first, placement.last)
-                model = self.model
+                device = self.config.compute.torch_device(placement.tier)
+                model = self.model_on(device)
                 if placement.base:  # a slot on its own copy of the base weights (loaded once per label)
                     if placement.base not in copies:
-                        copies[placement.base] = load_stage_model(self.ctx.model_dir, spec)
+                        copies[placement.base] = load_stage_model(self.ctx.model_dir, spec,
+                                                                  self.config.compute.torch_dtype, device)
                     model = copies[placement.base]
                 device = first_of.get(placement.key)
                 data = self.dataset(device) if placement.first and device is not None else None
@@ -241,6 +246,13 @@ class Protocol(ABC):
                 worker.add_slot(placement.slot, Stage(model, spec, self.family), self.layout_of(placement), data, seed)
             handles[name] = LocalWorker(worker)
         return handles
+
+    def model_on(self, device: torch.device) -> nn.Module:
+        """The base model on ``device`` (loaded once per device: simulated roles placed on another
+        device than the aggregator's share a second copy)."""
+        if device not in self._models:
+            self._models[device] = load_model(self.config.model.source, self.config.compute.torch_dtype, device)
+        return self._models[device]
 
     # --- building blocks of rounds ---------------------------------------------------------
     def first(self, device: int) -> tuple[WorkerHandle, StagePlacement]:

@@ -4,6 +4,8 @@ In one process many roles share tensors, so process RSS cannot tell a device's m
 from the server's. Instead each role counts the unique storages it owns (base weights of
 its stages, adapters, optimizer state) and, during its forward passes, the bytes autograd
 saves for backward (parameters excluded). Peak = held bytes + largest saved-activation set.
+On a CUDA device the forward pass is measured by the allocator instead: the peak allocated
+during the pass above what was allocated when it began (saved activations plus workspace).
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ def optimizer_tensors(state: Mapping) -> list[torch.Tensor]:
     return [v for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
 
 
+_CUDA_PEAKS: dict[torch.device, int] = {}
+
+
+def cuda_peak_bytes(device: torch.device | None = None) -> int:
+    """The most this process has had allocated on a CUDA device since it started (the meters reset the
+    allocator's peak statistics for each pass; this folds the peaks before each reset back in)."""
+    device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+    return max(_CUDA_PEAKS.get(device, 0), torch.cuda.max_memory_allocated(device))
+
+
 class ActivationMeter:
     """Bytes autograd saves for backward during metered forward passes.
 
@@ -52,7 +64,17 @@ class ActivationMeter:
         self.peak = max(self.peak, total)
 
     @contextmanager
-    def measure(self, exclude: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+    def measure(self, exclude: Iterable[torch.Tensor] = (), device: torch.device | None = None) -> Iterator[None]:
+        """Meter one forward pass that runs on ``device`` (CPU by default) into ``last``."""
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            _CUDA_PEAKS[device] = cuda_peak_bytes(device)  # keep the process's peak across the reset
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            yield
+            torch.cuda.synchronize(device)
+            self.last = torch.cuda.max_memory_allocated(device) - start
+            return
         skip = {t.untyped_storage().data_ptr() for t in exclude if t.device.type != "meta"}
         seen: dict[int, int] = {}
 

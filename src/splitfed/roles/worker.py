@@ -209,7 +209,7 @@ class StageWorker:
         slot.discard_pending()
         activate(slot.lora_layers, [slot.adapter.name])
         batch = slot.stream.next_batch()
-        with self.meter.measure(exclude=slot.held_tensors), self._watch(slot):
+        with self.meter.measure(slot.held_tensors, slot.stage.device), self._watch(slot):
             hidden = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
         self.meter.record(self.meter.last)
         slot.pending = _Pending([], [hidden.shape[0]], None, hidden)  # (batch, seq, hidden)
@@ -221,9 +221,10 @@ class StageWorker:
         slot = self.slot(slot_name).bind()
         if slot.pending is None:
             raise RuntimeError(f"{self.name}: activation gradient without a pending forward pass")
-        grad = message.tensors["grad"]
+        outputs = slot.pending.outputs
+        grad = message.tensors["grad"].to(outputs.device, outputs.dtype)
         scale = float(message.values["grad_scale"])
-        slot.pending.outputs.backward(grad * scale if scale != 1.0 else grad)
+        outputs.backward(grad * scale if scale != 1.0 else grad)
         slot.pending = None
         slot.sq_norm = grad_sq_norm(slot.params)
         return Message("grad_norm", self.name, message.round, message.step, values={"sq_norm": slot.sq_norm})
@@ -246,14 +247,16 @@ class StageWorker:
     def _forward_slot(self, slot: Slot, arrivals: Arrivals) -> dict[int, Message]:
         activate(slot.lora_layers, [slot.adapter.name])
         messages = [m for _, m in arrivals]
-        hidden = torch.cat([m.tensors["hidden"] for m in messages]).requires_grad_(True)  # (batch, seq, hidden)
+        stage = slot.stage
+        hidden = torch.cat([m.tensors["hidden"] for m in messages]).to(stage.device, stage.dtype)  # (batch, seq, hidden)
+        hidden.requires_grad_(True)
         mask = torch.cat([m.tensors["attention_mask"] for m in messages])
         labels = torch.cat([m.tensors["labels"] for m in messages])
         sizes = [m.tensors["hidden"].shape[0] for m in messages]
         routes = [r for r, _ in arrivals]
         watch = self._watch(slot)
         if not slot.stage.spec.last:
-            with self.meter.measure(exclude=slot.held_tensors), watch:
+            with self.meter.measure(slot.held_tensors, slot.stage.device), watch:
                 out = slot.stage(hidden, mask, position_ids_for(mask))
             slot.pending = _Pending(routes, sizes, hidden, out)
             return {
@@ -261,7 +264,7 @@ class StageWorker:
                            {"hidden": h, "attention_mask": m.tensors["attention_mask"], "labels": m.tensors["labels"]})
                 for r, m, h in zip(routes, messages, out.split(sizes))
             }
-        with self.meter.measure(exclude=slot.held_tensors), watch:  # the loss's log-softmax is saved too
+        with self.meter.measure(slot.held_tensors, slot.stage.device), watch:  # the loss's log-softmax is saved too
             logits = slot.stage(hidden, mask, position_ids_for(mask))
             sums, counts = zip(*(token_loss_sum(lg, lb) for lg, lb in zip(logits.split(sizes), labels.split(sizes))))
         total_tokens = max(sum(counts), 1)
@@ -284,7 +287,7 @@ class StageWorker:
                 raise RuntimeError(f"{self.name}: activation gradient without a pending forward pass")
             by_route = dict(arrivals)
             kept = [i for i, r in enumerate(pending.routes) if r in by_route]
-            grads = [by_route[r].tensors["grad"] if r in by_route else torch.zeros_like(o)
+            grads = [by_route[r].tensors["grad"].to(o.device, o.dtype) if r in by_route else torch.zeros_like(o)
                      for r, o in zip(pending.routes, pending.outputs.split(pending.sizes))]
             pending.outputs.backward(torch.cat(grads))
             slot.sq_norm = grad_sq_norm(slot.params)
@@ -317,7 +320,7 @@ class StageWorker:
         slot = self.slot(slot_name).bind()
         activate(slot.lora_layers, [slot.adapter.name])
         batch = slot.stream.next_batch()
-        with self.meter.measure(exclude=slot.held_tensors), self._watch(slot):
+        with self.meter.measure(slot.held_tensors, slot.stage.device), self._watch(slot):
             logits = slot.stage(batch.input_ids, batch.attention_mask, position_ids_for(batch.attention_mask))
             loss_sum, tokens = token_loss_sum(logits, batch.labels)
         self.meter.record(self.meter.last)

@@ -93,4 +93,4 @@ class Link(ByteCounts):
 
 def message_codec(config: RunConfig) -> MessageCodec:
     """The codec of a run's links; every process of a run derives the same one from the config."""
-    return MessageCodec(config.compression, derive_seed(config.seed, Purpose.CODEC))
+    return MessageCodec(config.compression, derive_seed(config.seed, Purpose.CODEC), config.compute.torch_dtype)

@@ -3,7 +3,8 @@
 The clock and the planners price compute as FLOPs / (FLOP/s of the machine). The declared device
 classes (``system.profiles``) are round numbers; this module times real training steps of the
 configured model on this machine, one first stage per cut (LoRA of the configured rank and targets,
-the configured batch and sequence length, fp32), and divides the cost model's FLOPs of that stage by
+the configured batch and sequence length, the base in ``compute.dtype`` on the ``compute.device``
+placement: profile a GPU with ``--set compute.device='"cuda"'``), and divides the cost model's FLOPs of that stage by
 the measured time. The result is a profile file that ``system.device_classes`` and ``system.server``
 accept in place of a class name. The radio (transmit power, distance) is not measured: the file
 carries the ``laptop`` class's values, and says so.
@@ -45,17 +46,24 @@ def _time_stage(stage: Stage, batch: int, seq: int, vocab: int, repeats: int) ->
     ids = torch.randint(0, vocab, (batch, seq), generator=generator)  # (batch, seq)
     mask = torch.ones_like(ids)
     meter, held = ActivationMeter(), module_tensors(stage.owned_modules())
+    device = stage.device
+
+    def now() -> float:  # accelerators run asynchronously: wait for their work before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     forward, backward = [], []
     for repeat in range(repeats + 1):
-        started = time.perf_counter()
-        with meter.measure(exclude=held):
+        started = now()
+        with meter.measure(held, device):
             out = stage(ids, mask, position_ids_for(mask))
             if stage.spec.last:
                 loss_sum, tokens = token_loss_sum(out, ids)
                 out = loss_sum / max(tokens, 1)
-        middle = time.perf_counter()
+        middle = now()
         out.backward(None if stage.spec.last else torch.ones_like(out))  # a server's gradient costs the same
-        ended = time.perf_counter()
+        ended = now()
         stage.model.zero_grad(set_to_none=True)
         if repeat:  # the first step warms up allocator and kernels
             forward.append(middle - started)
@@ -67,7 +75,8 @@ def profile_machine(config: RunConfig, cuts: list[int], repeats: int = 3,
                     progress: Callable[[dict], None] | None = None) -> dict:
     """Time a training step of the first stage at each of ``cuts`` on this machine; returns the profile
     (JSON-able): ``flops`` is the median over the cuts of FLOPs / measured seconds."""
-    model = load_model(config.model.source)
+    device = config.compute.torch_device("device")
+    model = load_model(config.model.source, config.compute.torch_dtype, device)
     model.requires_grad_(False)
     family = family_for(model.config)
     total = num_layers(model.config)
@@ -90,7 +99,8 @@ def profile_machine(config: RunConfig, cuts: list[int], repeats: int = 3,
         entry = {"cut": cut, "layers": cut, "lm_head": last, "forward_s": forward_s, "backward_s": backward_s,
                  "flops": flops.total, "flop_per_s": flops.total / (forward_s + backward_s),
                  "forward_flop_per_s": flops.forward / forward_s, "backward_flop_per_s": flops.backward / backward_s,
-                 "weight_bytes": int(weight_bytes(costs, cut, True, last)), "saved_activation_bytes": saved,
+                 "weight_bytes": int(weight_bytes(costs, cut, True, last) * model.dtype.itemsize / 4),
+                 "saved_activation_bytes": saved,
                  "saved_activation_bytes_per_layer": saved / cut}
         stages.append(entry)
         remove_adapter(model, name)
@@ -101,13 +111,16 @@ def profile_machine(config: RunConfig, cuts: list[int], repeats: int = 3,
         "kind": PROFILE_KIND, "version": 1,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
-        "model": config.model.source, "dtype": "float32", "batch_size": train.batch_size, "seq_len": train.seq_len,
+        "model": config.model.source, "device": str(device), "dtype": config.compute.dtype, "batch_size": train.batch_size, "seq_len": train.seq_len,
         "lora_rank": lora.rank, "lora_targets": list(lora.targets), "repeats": repeats,
         "flops": statistics.median(s["flop_per_s"] for s in stages),
-        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "memory_bytes": (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                         else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
         "max_power_w": radio.max_power_w, "distance_m": list(radio.distance_m),
         "radio": f"not measured: the {RADIO_DEFAULTS!r} class's transmit power and distances",
-        "memory": "host memory of this machine; per stage, weights from the cost model and activations saved for "
-                  "backward as counted by the roles' meter (the CPU allocator keeps no peak statistics)",
+        "memory": ("the GPU's memory; per stage, weights from the cost model and the allocator's peak during the forward "
+                   "pass" if device.type == "cuda" else
+                   "host memory of this machine; per stage, weights from the cost model and activations saved for "
+                   "backward as counted by the roles' meter (the CPU allocator keeps no peak statistics)"),
         "stages": stages,
     }

@@ -10,7 +10,8 @@ before it is encoded to bytes, the receiver ``unpack``s it after decoding:
   ``adapter_upload`` / ``adapter_download`` through ``compression.adapters``;
 - a compressed tensor ``name`` travels as its payload under ``name``, its side parts under
   ``name#part``, the codec metadata as the JSON value ``name#codec`` and the sender's
-  measured relative error as the value ``name#error``; the receiver gets dense fp32 back.
+  measured relative error as the value ``name#error``; the receiver gets the dense tensor back,
+  activations and their gradients in the run's activation dtype (``compute.dtype``), adapters in fp32.
 
 Stochastic codecs draw from a generator seeded by the message's identity (seed, direction,
 device, round, step, kind, tensor), so both runtimes and resumed runs draw alike. With
@@ -76,9 +77,11 @@ def routed(message: Message) -> list[str]:
 class MessageCodec:
     """Packs and unpacks the compressed tensors of messages, and tallies compression statistics."""
 
-    def __init__(self, compression: CompressionSpecs, seed: int) -> None:
+    def __init__(self, compression: CompressionSpecs, seed: int, activation_dtype: torch.dtype = torch.float32) -> None:
         self.compression = compression
         self.seed = seed
+        self.activation_dtype = activation_dtype
+        """What decoded activations and activation gradients are cast to (the base model's dtype)."""
         self._pipelines: dict[str, Pipeline] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
         self._tallies = {s: _Tally() for s in STREAMS}
@@ -114,7 +117,7 @@ class MessageCodec:
             return message
         tensors, values = dict(message.tensors), dict(message.values)
         for index, name in enumerate(names):
-            original = tensors.pop(name)
+            original = tensors.pop(name).detach().to("cpu", torch.float32)  # codecs work on fp32 host tensors
             key = (direction, device, message.kind, name)
             encoded = self._encode(pipeline, key, original, self._rng(direction, device, message, index))
             tensors.update({name if part == PAYLOAD else f"{name}{SEP}{part}": t for part, t in encoded.parts.items()})
@@ -124,10 +127,11 @@ class MessageCodec:
 
     # --- receiver -------------------------------------------------------------------------
     def unpack(self, device: int, message: Message) -> Message:
-        """Restore the dense fp32 tensors of a packed message; CodecError if it does not decode."""
+        """Restore the dense tensors of a packed message; CodecError if it does not decode."""
         names, pipeline = routed(message), self.pipeline(message.kind, device)
         if not names or pipeline is None:
             return message
+        dtype = self.activation_dtype if ROUTES[message.kind][0] != "adapters" else torch.float32
         tensors, values = dict(message.tensors), dict(message.values)
         for name in names:
             raw_meta = values.pop(f"{name}{SEP}codec", None)
@@ -141,7 +145,7 @@ class MessageCodec:
             prefix = f"{name}{SEP}"
             parts = {PAYLOAD: tensors.pop(name)}
             parts.update({k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]})
-            tensors[name] = pipeline.decode(Encoded(parts, meta))
+            tensors[name] = pipeline.decode(Encoded(parts, meta)).to(dtype)
         return Message(message.kind, message.sender, message.round, message.step, tensors, values)
 
     # --- statistics -----------------------------------------------------------------------

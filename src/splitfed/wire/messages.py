@@ -65,7 +65,7 @@ def encode(message: Message) -> bytes:
         "step": message.step,
         "values": message.values,
     }
-    tensors = {name: t.detach().contiguous() for name, t in message.tensors.items()}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in message.tensors.items()}  # from any device
     return save_tensors(tensors, metadata={"splitfed": json.dumps(header)})
 
 

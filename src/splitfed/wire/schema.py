@@ -58,6 +58,8 @@ class Bounds:
     """Modules whose base weights the receiver merges (``adapter_merge``): path -> (out, in) of the weight."""
     max_merge_rank: int = 0
     """Largest rank of one merge of one module (the sum of the ranks that were stacked)."""
+    activation_dtype: torch.dtype = torch.float32
+    """The dtype of activations and activation gradients (the run's ``compute.dtype``)."""
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,14 @@ class Schema:
 
 def _activations(b: Bounds) -> dict[str, TensorSpec]:
     return {
-        "hidden": TensorSpec((BATCH, b.seq_len, b.hidden_size), torch.float32, finite=True),
+        "hidden": TensorSpec((BATCH, b.seq_len, b.hidden_size), b.activation_dtype, finite=True),
         "attention_mask": TensorSpec((BATCH, b.seq_len), torch.int64, value_range=(0, 2)),
         "labels": TensorSpec((BATCH, b.seq_len), torch.int64, value_range=(0, b.vocab_size), extra_values=(-100,)),
     }
 
 
 def _activation_grad(b: Bounds) -> dict[str, TensorSpec]:
-    return {"grad": TensorSpec((BATCH, b.seq_len, b.hidden_size), torch.float32, finite=True)}
+    return {"grad": TensorSpec((BATCH, b.seq_len, b.hidden_size), b.activation_dtype, finite=True)}
 
 
 def _adapter(b: Bounds) -> dict[str, TensorSpec]:
