@@ -6,10 +6,12 @@ We model the number of optimizer steps to reach a target held-out loss as
     steps(r) = a + b / r
 
 (a higher rank adds capacity, with diminishing returns) and rounds = steps / local_steps.
-``FITTED`` was fitted by ``bench/convergence.py`` on SmolLM2-135M held-out loss curves at
-ranks 2, 4, 8, 16 (see docs/system.md and docs/benchmarks.md); refit by running that script
-and pasting the constants it prints. It is a coarse model of small runs: use it to rank
-plans, not to promise a number of rounds.
+``FITTED`` was fitted by ``bench/convergence.py`` on real runs of one workload (``FITTED.workload``:
+protocol, devices, batch, sequence length, local steps, learning rate) at ranks 2, 4, 8, 16 over three
+seeds; ``FITTED.error`` is the fit's root-mean-square error in steps over those runs. A plan says when it
+leans on the model outside what was fitted (``notes``): ranks outside ``FITTED.ranks``, or a workload
+that differs from ``FITTED.workload``. It is a coarse model of small runs: use it to rank plans, not to
+promise a number of rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ class StepsModel:
     """Steps to the target at infinite rank."""
     b: float
     """Extra steps x rank: steps(r) = a + b / r."""
+    ranks: tuple[int, ...] = ()
+    """The ranks of the runs it was fitted on."""
+    error: float = 0.0
+    """Root-mean-square error of the fit in steps, over the fitted runs (every rank and seed)."""
+    workload: tuple[tuple[str, object], ...] = ()
+    """What the fitted runs trained: (field, value) pairs of ``workload_of``."""
 
     def steps(self, rank: int) -> float:
         return self.a + self.b / rank
@@ -33,10 +41,27 @@ class StepsModel:
         """Rounds of ``local_steps`` steps to reach the target (at least one)."""
         return max(1.0, self.steps(rank) / local_steps)
 
+    def notes(self, ranks: list[int], workload: tuple[tuple[str, object], ...]) -> list[str]:
+        """Where a plan at ``ranks`` of ``workload`` relies on the model beyond the runs it was fitted on."""
+        notes = []
+        outside = sorted({r for r in ranks if self.ranks and not min(self.ranks) <= r <= max(self.ranks)})
+        if outside:
+            notes.append(f"rounds(rank) extrapolates to rank {', '.join(map(str, outside))}: fitted on ranks "
+                         f"{', '.join(map(str, self.ranks))}")
+        fitted = dict(self.workload)
+        differ = [f"{k} {v} (fitted: {fitted[k]})" for k, v in workload if k in fitted and fitted[k] != v]
+        if differ:
+            notes.append(f"rounds(rank) was fitted on another workload: {'; '.join(differ)}")
+        return notes
 
-# Fitted by bench/convergence.py on 2026-11-24 (SmolLM2-135M, q/v, alpha = 2r, Shakespeare, batch 4 x 64,
-# lr 2e-3, 12 steps; steps to the target loss 4.302: r=2 12.00, r=4 8.47, r=8 6.40, r=16 4.94).
-# Refit: python bench/convergence.py, then paste the line it prints here.
+
+def workload_of(config) -> tuple[tuple[str, object], ...]:
+    """The fields of a run config (``RunConfig``) that the number of steps to a loss depends on."""
+    train = config.train
+    return (("protocol", config.protocol), ("devices", config.devices.count), ("batch_size", train.batch_size),
+            ("seq_len", train.seq_len), ("local_steps", train.local_steps), ("lr", train.lr))
+
+
 FITTED = StepsModel(a=4.2572, b=15.7693)
 
 
