@@ -5,7 +5,7 @@ An error model of i.i.d. Gaussian input misjudges real tensors by ~3x either way
 states carry a large per-channel offset and a few "attention sink" tokens with much of the energy;
 gradients are heavy-tailed), so the planners measure instead. ``calibrate_codecs`` loads the
 configured model (fp32 and frozen, as a run starts: LoRA adds nothing before its first step), takes
-a few seeded batches of the configured data, runs them forward through the split stages and backward
+a few seeded batches of the configured data (``train.batch_size`` x ``train.seq_len``), runs them forward through the split stages and backward
 from the token-mean loss, and encodes and decodes the tensors found at each cut with the real
 pipelines (``splitfed.wire.codecs``).
 
@@ -43,6 +43,7 @@ import statistics
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -60,7 +61,10 @@ from splitfed.wire.codecs import parse_pipeline
 
 STREAMS = ("activations", "gradients")
 """What crosses a cut: activations up (``compression.activations``), their gradients down (``compression.gradients``)."""
-DEFAULT_BATCHES = 3
+DEFAULT_BATCHES = 2
+"""Batches measured: the errors differ little from batch to batch (SmolLM2, cut 4, ``quant:4``: 0.454 and
+0.445 whole-tensor), and each batch costs a forward and backward pass of the whole model (SmolLM2 at 8 x
+128 on 2 CPU cores: 4 s when the cores are free, 10-40 s when other processes load them)."""
 DOCUMENTS, BATCHES, CODEC_DRAWS = 0, 1, 2
 """First index of the calibration's derived seeds (``Purpose.CODEC_CALIBRATION``) per use."""
 CALIBRATION_DOCUMENTS = 4
@@ -101,16 +105,22 @@ class CodecCalibration:
     def specs(self) -> frozenset[str]:
         return frozenset(e.spec for e in self.errors)
 
+    @cached_property
+    def _by_pipeline(self) -> dict[tuple[str, str], np.ndarray]:
+        """(stream, spec) -> (3, measured cuts) rows cut, tensor, token_median, by cut (the planners look up
+        thousands of errors)."""
+        rows: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+        for e in self.errors:
+            rows.setdefault((e.stream, e.spec), []).append((e.cut, e.tensor, e.token_median))
+        return {key: np.array(sorted(values)).T for key, values in rows.items()}
+
     def at(self, stream: str, spec: str, cut: int) -> CodecError:
         """The errors of ``spec`` on ``stream`` at ``cut``: linear between the measured cuts, the nearest
         measured cut's beyond them."""
-        measured = sorted((e for e in self.errors if e.stream == stream and e.spec == spec), key=lambda e: e.cut)
-        if not measured:
+        if (stream, spec) not in self._by_pipeline:
             raise KeyError(f"codec pipeline {spec!r} was not calibrated on {stream}; calibrated: {sorted(self.specs)}")
-        cuts = [e.cut for e in measured]
-        tensor = float(np.interp(cut, cuts, [e.tensor for e in measured]))
-        token_median = float(np.interp(cut, cuts, [e.token_median for e in measured]))
-        return CodecError(stream, spec, cut, tensor, token_median)
+        cuts, tensor, token_median = self._by_pipeline[(stream, spec)]
+        return CodecError(stream, spec, cut, float(np.interp(cut, cuts, tensor)), float(np.interp(cut, cuts, token_median)))
 
     def merged(self, other: CodecCalibration) -> CodecCalibration:
         """This calibration with ``other``'s pipelines added (for pipelines measured later, on the same setup)."""
