@@ -5,7 +5,9 @@ steps a round, ``sfl`` with a fixed cut of 2 for the baselines, devices cycling 
 jetson with memory budgets cycling 400 / 800 / 1600 MB, an edge server, 2 subchannels of 1 MHz
 per device, Rayleigh fading drawn per round (3 rounds = 3 channel realisations). For each planner
 and seed: the predicted mean round delay (the clock replaying the planned run), the total delay
-(rounds from the fitted convergence model x round delay) and the solve time.
+(rounds from the fitted convergence model x round delay) and the solve time. sft's accuracy limits
+use codec errors measured once on SmolLM2's real tensors (3 batches of 8 x 128 of Shakespeare,
+``planning.calibrate``), shared by every instance.
 
 All numbers here are PREDICTED by the system model (no training). Real runs of each planner's plan,
 held-out perplexity over seeds: ``bench/calibration.py`` part (c); whether the clock's step time
@@ -27,7 +29,9 @@ import matplotlib.pyplot as plt
 from _report import DOC, markdown_table, write_section
 from schedule import SMOLLM2
 from splitfed.config import RunConfig, parse_config
+from splitfed.planning.calibrate import CodecCalibration, calibrate_codecs
 from splitfed.planning.registry import make_plan
+from splitfed.planning.sft import LADDER
 
 ORDER = ["equal", "cut_only", "bandwidth_only", "fedsllm", "sft"]
 PLOT = DOC.parent / "planner.png"
@@ -43,10 +47,11 @@ def instance(n: int, seed: int) -> RunConfig:
     })
 
 
-def predicted(seeds: int) -> tuple[str, dict]:
+def predicted(seeds: int, calibration: CodecCalibration) -> tuple[str, dict]:
     rows, means = [], {}
     for n in (10, 50):
-        results = {name: [make_plan(instance(n, seed), SMOLLM2, name) for seed in range(seeds)] for name in ORDER}
+        results = {name: [make_plan(instance(n, seed), SMOLLM2, name, calibration=calibration) for seed in range(seeds)]
+                   for name in ORDER}
         for name in ORDER:
             plans = results[name]
             base = results["equal"]
@@ -88,9 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
+    calibration = calibrate_codecs(instance(10, 0), [spec for spec in LADDER if spec != "none"],
+                                   progress=lambda line: print(line, flush=True))
     for name in ORDER:  # warm the caches (model architecture, message sizes) outside the timings
-        make_plan(instance(10, 99), SMOLLM2, name)
-    table, means = predicted(args.seeds)
+        make_plan(instance(10, 99), SMOLLM2, name, calibration=calibration)
+    table, means = predicted(args.seeds, calibration)
     plot(means)
     body = (
         f"Predicted by the system model (no training): mean ± standard deviation over {args.seeds} seeds (device "

@@ -56,10 +56,12 @@ def test_plan_prints_the_table_and_run_follows_the_plan(tiny_llama_dir, corpus_d
     plan_path = tmp_path / "plan.json"
     result = runner.invoke(app, ["plan", str(config), "--planner", "sft", "--out", str(plan_path), "--set", "seed=3"])
     assert result.exit_code == 0, result.output
-    for text in ("plan: sft", "cut", "rank", "power W", "compression", "server order", "predicted: round", "total delay"):
+    for text in ("calibrating", "plan: sft", "cut", "rank", "power W", "activations", "act. error", "grad. error", "server order",
+                 "whole tensor / median over tokens", "predicted: round", "total delay"):
         assert text in result.output, text
     plan = json.loads(plan_path.read_text())
     assert len(plan["cuts"]) == 2 and plan["predicted"]["sim_s"] > 0
+    assert len(plan["gradients"]) == len(plan["gradient_errors"]) == 2
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", str(config), "--plan", str(plan_path), "--out", str(out), "--quiet", "--set", "seed=3"])
     assert result.exit_code == 0, result.output
@@ -77,6 +79,15 @@ def test_plan_names_an_infeasible_device(tiny_llama_dir, corpus_dir, tmp_path):
     assert "device 1 (laptop1)" in result.output and "cannot hold one layer" in result.output
     result = runner.invoke(app, ["run", str(config), "--plan", str(tmp_path / "missing.json")])
     assert result.exit_code == 2 and "plan file not found" in result.output
+
+
+@pytest.mark.parametrize("option, value", [("--max-error", "-0.1"), ("--max-grad-error", "nan")])
+def test_plan_names_a_bad_accuracy_limit(option, value, tiny_llama_dir, corpus_dir, tmp_path):
+    config = tmp_path / "c.toml"
+    _write_config(config, tiny_llama_dir, corpus_dir, "[1, 3]")
+    result = runner.invoke(app, ["plan", str(config), "--out", str(tmp_path / "p.json"), option, value])
+    assert result.exit_code == 2
+    assert f"plan option {option.removeprefix('--').replace('-', '_')} must be a finite number >= 0" in result.output
 
 
 def test_version_and_short_help():

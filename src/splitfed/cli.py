@@ -125,12 +125,17 @@ def plan(
     planner: Annotated[str, typer.Option("--planner", help="sft, fedsllm, equal, cut_only or bandwidth_only.")] = "sft",
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the plan JSON.")] = None,
     set_: SetOption = None,
-    max_error: Annotated[float, typer.Option("--max-error", help="sft: limit on the mean expected relative "
-                                             "error of the activation codecs.")] = 0.3,
+    max_error: Annotated[float, typer.Option("--max-error", help="sft: limit on the mean over devices of the "
+                                             "activation codecs' relative error, measured on the model's real "
+                                             "activations at each device's cut.")] = 0.3,
+    max_grad_error: Annotated[float, typer.Option("--max-grad-error", help="sft: the same limit for the codecs of "
+                                                  "the activation gradients sent back.")] = 0.2,
     subchannel_power: Annotated[Optional[float], typer.Option(
         "--max-subchannel-power-w", help="fedsllm: power limit per subchannel, watts (default: none).")] = None,
 ) -> None:
-    """Choose cuts, ranks, subchannels, power and compression; print the plan and write it as JSON."""
+    """Choose cuts, ranks, subchannels, power and compression; print the plan and write it as JSON.
+
+    sft first measures its codecs' errors on the configured model and data (a few batches; the model loads)."""
     from splitfed.config import ConfigError, load_config
     from splitfed.models.loading import load_model_config
     from splitfed.planning.problem import PlanError, PlanOptions
@@ -139,8 +144,10 @@ def plan(
     with user_errors():
         cfg = load_config(config, set_ or [])
         try:
-            options = PlanOptions(max_error=max_error, max_subchannel_power_w=subchannel_power)
-            result = make_plan(cfg, load_model_config(cfg.model.source), planner, options)
+            options = PlanOptions(max_error=max_error, max_grad_error=max_grad_error,
+                                  max_subchannel_power_w=subchannel_power)
+            result = make_plan(cfg, load_model_config(cfg.model.source), planner, options,
+                               progress=lambda line: console.print(rich.markup.escape(line)))
         except (PlanError, ValueError) as error:
             raise ConfigError(str(error)) from None
         path = out or Path(f"{config.stem}.{planner}.plan.json")
@@ -148,6 +155,11 @@ def plan(
     wide = _wide_console()
     _print_plan(result, wide)
     wide.print(rich.markup.escape(f"plan written to {path}; run it with `splitfed run {config} --plan {path}`"))
+
+
+def _errors(measured: dict[str, float]) -> str:
+    """A pipeline's measured errors as 'whole tensor / median per token'."""
+    return f"{measured['tensor']:.3f} / {measured['token_median']:.3f}"
 
 
 def _print_plan(result, out: Console) -> None:
@@ -159,18 +171,22 @@ def _print_plan(result, out: Console) -> None:
     position = {u: i for i, u in enumerate(result.first_order)}
     table = Table(title=f"plan: {result.planner} ({result.protocol}, {result.subchannels} subchannels; "
                         "subchannels and power of round 0)")
-    for column in ("device", "cut", "rank", "subch.", "MHz", "power W", "compression", "server order", "memory MB"):
-        table.add_column(column, justify="left" if column == "compression" else "right")
+    codecs = ("activations", "act. error", "gradients", "grad. error")
+    for column in ("device", "cut", "rank", "subch.", "MHz", "power W", *codecs, "server order", "memory MB"):
+        table.add_column(column, justify="left" if column in codecs else "right")
     for u, name in enumerate(result.device_names):
         count = sum(1 for o in owners if o == u)
         watts = sum(p for o, p in zip(owners, power) if o == u) if power else None
         table.add_row(
             f"{u} {name}", str(result.cuts[u]), str(result.ranks[u]), str(count),
             f"{count * result.subchannel_hz / 1e6:g}", "max, equal split" if watts is None else f"{watts:.3f}",
-            rich.markup.escape(result.activations[u]), str(position[u] + 1) if result.one_at_a_time else "together",
-            f"{result.device_memory_bytes[u] / mb:.0f}",
+            rich.markup.escape(result.activations[u]), _errors(result.activation_errors[u]),
+            rich.markup.escape(result.gradients[u]), _errors(result.gradient_errors[u]),
+            str(position[u] + 1) if result.one_at_a_time else "together", f"{result.device_memory_bytes[u] / mb:.0f}",
         )
     out.print(table)
+    out.print("error: measured relative error of the pipeline on the model's real tensors at the device's cut, "
+              "whole tensor / median over tokens (the limits bound the larger)")
     out.print(
         f"predicted: round {result.mean_round_s:.3f} s (sim_s of the configured run {result.sim_s:.3f} s over "
         f"{len(result.round_s)} rounds); total delay {result.total_delay_s:.1f} s = {result.rounds_needed:.1f} rounds "

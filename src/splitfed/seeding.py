@@ -21,6 +21,9 @@ class Purpose(IntEnum):
     """The random serving order (index: step)."""
     ADAPTER_RESTART = 6
     """The global adapter after merge k of a merging aggregation (index: k)."""
+    CODEC_CALIBRATION = 7
+    """The planners' codec calibration (index: its documents 0, its batches 1, codec draws 2 and batch, cut,
+    stream, pipeline)."""
 
 
 def derive_seed(seed: int, purpose: Purpose, *index: int) -> int:

@@ -19,7 +19,9 @@ MODEL = TINY_CONFIGS["llama"]()
 
 
 def _config(protocol: str, count: int, seed: int, **system) -> object:
-    """A random heterogeneous instance: memory budgets that bind (1..5 layers of the tiny model)."""
+    """A random heterogeneous instance: memory budgets that bind (1..5 layers of the tiny model). The
+    tests plan for MODEL's architecture and pass the tiny model's codec calibration, so the configured
+    model is never loaded."""
     rng = np.random.default_rng(seed)
     costs = layer_costs(MODEL, ["q_proj", "v_proj"])
     budgets = [device_memory_bytes(costs, int(k), 4, 4, 32) / MB * 1.01 for k in rng.integers(1, 6, count)]
@@ -38,10 +40,10 @@ INSTANCES = [(protocol, count, seed) for protocol in ("sfl", "memsfl") for count
 
 @pytest.mark.parametrize("planner", sorted(PLANNERS))
 @pytest.mark.parametrize("protocol, count, seed", INSTANCES[:6])
-def test_plans_are_feasible(planner, protocol, count, seed):
+def test_plans_are_feasible(planner, protocol, count, seed, tiny_calibration):
     config = _config(protocol, count, seed)
     options = PlanOptions(max_subchannel_power_w=0.05)
-    plan = make_plan(config, MODEL, planner, options)
+    plan = make_plan(config, MODEL, planner, options, tiny_calibration)
     problem = Problem(config, MODEL)
     for u in range(count):  # memory
         assert plan.device_memory_bytes[u] <= problem.budget[u], f"device {u} over its memory"
@@ -60,10 +62,10 @@ def test_plans_are_feasible(planner, protocol, count, seed):
 
 
 @pytest.mark.parametrize("protocol, count, seed", INSTANCES)
-def test_optimisers_never_predict_slower_than_equal(protocol, count, seed):
+def test_optimisers_never_predict_slower_than_equal(protocol, count, seed, tiny_calibration):
     config = _config(protocol, count, seed)
     equal = make_plan(config, MODEL, "equal")
-    assert make_plan(config, MODEL, "sft").sim_s <= equal.sim_s * (1 + 1e-9)
+    assert make_plan(config, MODEL, "sft", calibration=tiny_calibration).sim_s <= equal.sim_s * (1 + 1e-9)
     assert make_plan(config, MODEL, "bandwidth_only").sim_s <= equal.sim_s * (1 + 1e-9)
     assert make_plan(config, MODEL, "cut_only").sim_s <= equal.sim_s * (1 + 1e-9)
     assert make_plan(config, MODEL, "fedsllm").total_delay_s <= equal.total_delay_s * (1 + 1e-9)
@@ -72,22 +74,14 @@ def test_optimisers_never_predict_slower_than_equal(protocol, count, seed):
 @pytest.mark.parametrize("protocol", ["sfl", "memsfl"])
 @pytest.mark.parametrize("planner, tolerance",
                          [("equal", 1e-3), ("fedsllm", 1e-3), ("bandwidth_only", 1e-3), ("sft", 0.1)])
-def test_search_objective_agrees_with_the_clock_replay(protocol, planner, tolerance):
+def test_search_objective_agrees_with_the_clock_replay(protocol, planner, tolerance, tiny_calibration):
     """The planners' fast round delay is the clock's number; with codecs the search prices them with
     bytes_per_element and the replay encodes them (header estimates differ most on tiny tensors)."""
     config = _config(protocol, 4, 0)
-    problem = Problem(config, MODEL)
+    problem = Problem(config, MODEL, tiny_calibration)
     decision = PLANNERS[planner](problem, PlanOptions())
-    plan = make_plan(config, MODEL, planner)
+    plan = make_plan(config, MODEL, planner, calibration=tiny_calibration)
     assert problem.mean_delay(decision) == pytest.approx(plan.mean_round_s, rel=tolerance)
-
-
-def test_sft_respects_the_compression_error_limit():
-    from splitfed.wire.codecs import expected_relative_error
-
-    for limit in (0.0, 0.05, 0.3):
-        plan = make_plan(_config("sfl", 5, 1), MODEL, "sft", PlanOptions(max_error=limit))
-        assert np.mean([expected_relative_error(s) for s in plan.activations]) <= limit + 1e-12
 
 
 def test_fedsllm_trades_rank_for_rounds():

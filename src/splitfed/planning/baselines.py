@@ -21,7 +21,7 @@ def equal(problem: Problem, options: PlanOptions) -> Decision:
 
 def cut_only(problem: Problem, options: PlanOptions) -> Decision:
     """Cuts only (sft's slow timescale with the codec ladder reduced to ``none``)."""
-    return solve(problem, ("none",), 0.0, allocate=False)
+    return solve(problem, ("none",), 0.0, 0.0, allocate=False)
 
 
 def bandwidth_only(problem: Problem, options: PlanOptions) -> Decision:

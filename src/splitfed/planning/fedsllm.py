@@ -26,7 +26,7 @@ def total_delay(problem: Problem, decision: Decision) -> float:
 
 def _allocate(problem: Problem, decision: Decision, options: PlanOptions) -> None:
     """(a) + (b) for every round, in place."""
-    loads = problem.loads(decision.protocol, decision.cuts, decision.ranks, decision.specs)
+    loads = problem.loads(decision.protocol, decision.cuts, decision.ranks, decision.activations, decision.gradients)
     max_power = np.array([d.max_power_w for d in problem.devices])
     noise = problem.channel.noise_w_per_hz * problem.channel.bandwidth_hz
     decision.owners, decision.power = [], []
@@ -44,7 +44,7 @@ def _search(problem: Problem, decision: Decision, ranks: tuple[int, ...]) -> Dec
         deepest = int(problem.max_cut(rank).min())
         for cut in range(1, deepest + 1):
             candidate = Decision(decision.protocol, np.full(problem.n, cut), np.full(problem.n, rank),
-                                 decision.specs, decision.owners, decision.power)
+                                 decision.activations, decision.gradients, decision.owners, decision.power)
             delay = total_delay(problem, candidate)
             if delay < best_delay:
                 best, best_delay = candidate, delay
@@ -55,7 +55,7 @@ def fedsllm(problem: Problem, options: PlanOptions) -> Decision:
     incumbent = problem.equal_decision()
     best, best_delay = incumbent, total_delay(problem, incumbent)
     decision = Decision(incumbent.protocol, np.full(problem.n, int(incumbent.cuts.min())), incumbent.ranks,
-                        incumbent.specs)
+                        incumbent.activations, incumbent.gradients)
     for _ in range(10):
         _allocate(problem, decision, options)
         decision = _search(problem, decision, options.ranks)

@@ -48,7 +48,13 @@ class Plan:
     first_order: list[int] = field(default_factory=list)
     """Order in which the server serves the devices in the first step."""
     device_names: list[str] = field(default_factory=list)
+    activation_errors: list[dict[str, float]] = field(default_factory=list)
+    """Per device: measured relative errors of its activation pipeline at its cut (``planning.calibrate``):
+    ``tensor`` (whole tensor) and ``token_median`` (median over tokens); 0 for lossless pipelines."""
+    gradient_errors: list[dict[str, float]] = field(default_factory=list)
+    """The same for the pipeline of the gradients sent back to each device."""
     solve_s: float = 0.0
+    """Seconds the planner took (measuring codec errors excluded)."""
 
     @property
     def sim_s(self) -> float:

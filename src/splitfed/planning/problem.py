@@ -14,12 +14,19 @@ sit with the aggregator (their adapters cross no network), on one server-side wo
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
+from numbers import Integral
+
 import numpy as np
 from transformers import PretrainedConfig
 
 from splitfed.config import RunConfig
 from splitfed.models.families import num_layers
+from splitfed.planning.calibrate import CodecCalibration, CodecError, calibrate_codecs, calibration_cuts
 from splitfed.registry import protocol_class, protocol_names
 from splitfed.seeding import Purpose, derive_seed
 from splitfed.system.schedule import Job, makespan, schedule
@@ -27,6 +34,7 @@ from splitfed.system.clock import Clock
 from splitfed.system.costs import device_memory_bytes, layer_costs, stage_flops
 from splitfed.system.traffic import adapter_message_bytes, step_bytes
 from splitfed.topology import StagePlacement, Topology, groups_share_slots
+from splitfed.wire.codecs import parse_pipeline
 
 MB = 1024**2
 BITS = 8
@@ -37,11 +45,37 @@ class PlanOptions:
     """Knobs of the planners (defaults are what ``splitfed plan`` uses)."""
 
     max_error: float = 0.3
-    """sft: limit on the mean over devices of the codecs' expected relative error (accuracy)."""
+    """sft: limit on the mean over devices of the activation pipelines' measured relative error
+    (``planning.calibrate``: ``CodecError.worst``, at each device's cut): the accuracy limit."""
+    max_grad_error: float = 0.2
+    """sft: the same limit for the pipelines of the activation gradients sent back to the devices.
+    Tighter than ``max_error``: each device's LoRA update is built from this gradient alone, round
+    after round. On SmolLM2 at cut 4 it admits unbiased 4-bit quantization (0.16), whose error is
+    zero-mean noise (at 0.2 it adds 4% of the gradient's energy as variance), and shuts out top-k,
+    whose error is dropped signal, a bias that accumulates: at ratio 0.5 it drops 0.24 of a typical
+    token's gradient, at 0.3 half (measured by ``planning.calibrate``, 3 batches of 8 x 128)."""
     ranks: tuple[int, ...] = (2, 4, 8, 16)
     """fedsllm: LoRA ranks to search."""
     max_subchannel_power_w: float | None = None
     """fedsllm: per-subchannel power limit (None: only each device's total)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_error", "max_grad_error"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"plan option {name} must be a finite number >= 0 (a relative error; 0 allows only "
+                                 f"lossless pipelines), got {value!r}")
+        if not self.ranks or any(isinstance(r, bool) or not isinstance(r, Integral) or r < 1 for r in self.ranks):
+            raise ValueError(f"plan option ranks must be LoRA ranks >= 1, got {self.ranks!r}")
+        power = self.max_subchannel_power_w
+        if power is not None and not (math.isfinite(power) and power > 0):
+            raise ValueError(f"plan option max_subchannel_power_w must be > 0 watts (or None: no limit), got {power!r}")
+
+
+@cache
+def _lossy(spec: str) -> bool:
+    """Whether a pipeline changes values (anything but none and zstd)."""
+    return bool(parse_pipeline(spec).transforms)
 
 
 class PlanError(ValueError):
@@ -58,8 +92,10 @@ class Decision:
     """(devices,) layers on each device."""
     ranks: np.ndarray
     """(devices,) LoRA rank of each device."""
-    specs: list[str]
-    """Codec pipeline of each device's activations and of the gradients sent back to it."""
+    activations: list[str]
+    """Codec pipeline of each device's activations."""
+    gradients: list[str]
+    """Codec pipeline of the activation gradients sent back to each device."""
     owners: list[np.ndarray] | None = None
     """Per round (subchannels,): the device each subchannel serves, -1 unused; None: round-robin."""
     power: list[np.ndarray] | None = None
@@ -89,7 +125,11 @@ class Loads:
 class Problem:
     """Everything a planner needs about a config, computed once."""
 
-    def __init__(self, config: RunConfig, model_config: PretrainedConfig) -> None:
+    def __init__(self, config: RunConfig, model_config: PretrainedConfig, calibration: CodecCalibration | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        """``calibration``: measured codec errors to use (e.g. shared by many plans of one model and data);
+        None: measured on the configured model when a planner first needs a lossy pipeline's error.
+        ``progress`` gets the calibration's progress lines."""
         protocol = protocol_class(config.protocol)
         if not protocol.split:
             split = [name for name in protocol_names() if protocol_class(name).split]
@@ -116,6 +156,10 @@ class Problem:
         self.budget = np.array([self._budget(u) for u in range(self.n)])
         self._memory: dict[tuple[int, int], int] = {}
         self._cache: dict[tuple, tuple[float, float]] = {}
+        self.calibration = calibration
+        self.calibration_s = 0.0
+        """Seconds spent measuring codec errors (not planning)."""
+        self._progress = progress
         self._check_feasible()
 
     # --- the planned protocol --------------------------------------------------------------
@@ -171,6 +215,27 @@ class Problem:
                     f"device {u} ({device.name}) has maximum transmit power {device.max_power_w} W: no rate"
                 )
 
+    # --- accuracy -------------------------------------------------------------------------
+    def measure(self, specs: Iterable[str]) -> None:
+        """Make ``self.calibration`` hold every lossy pipeline of ``specs``: the missing ones are measured
+        on the configured model (at ``calibration_cuts`` of the configured cuts), all in one calibration."""
+        known = self.calibration.specs if self.calibration is not None else frozenset()
+        missing = sorted({s for s in specs if _lossy(s)} - known)
+        if not missing:
+            return
+        started = time.perf_counter()
+        cuts = calibration_cuts(self.total_layers, self.base_cuts().tolist())
+        measured = calibrate_codecs(self.config, missing, cuts, progress=self._progress)
+        self.calibration = measured if self.calibration is None else self.calibration.merged(measured)
+        self.calibration_s += time.perf_counter() - started
+
+    def codec_errors(self, stream: str, specs: Sequence[str], cuts: Sequence[int]) -> list[CodecError]:
+        """Measured error of pipeline ``specs[i]`` on ``stream`` (activations / gradients) at cut ``cuts[i]``:
+        0 for lossless pipelines (none, zstd), the calibration's for the others (``measure``)."""
+        self.measure(specs)
+        return [self.calibration.at(stream, s, int(c)) if _lossy(s) else CodecError(stream, s, int(c), 0.0, 0.0)
+                for s, c in zip(specs, cuts, strict=True)]
+
     # --- costs ----------------------------------------------------------------------------
     def _flops(self, stage: StagePlacement) -> tuple[float, float]:
         """(forward, backward) FLOPs of one route's batch through ``stage``."""
@@ -191,9 +256,11 @@ class Problem:
         base, per_layer = self._cache[key]
         return base + (cut - 1) * per_layer
 
-    def loads(self, protocol: str, cuts: np.ndarray, ranks: np.ndarray, specs: list[str]) -> Loads:
+    def loads(self, protocol: str, cuts: np.ndarray, ranks: np.ndarray, activations: list[str],
+              gradients: list[str]) -> Loads:
         """Each device's route as ``protocol`` declares it: its first stage on the device, the rest
-        (at the rank of the slot, e.g. a shared slot's largest) on the server side."""
+        (at the rank of the slot, e.g. a shared slot's largest) on the server side; ``activations`` /
+        ``gradients``: each device's pipelines."""
         topology = self.topology(protocol, cuts, ranks)
         routes = topology.routes
         global_rank = max(s.rank for route in routes for s in route.stages)
@@ -201,7 +268,8 @@ class Problem:
         speed = np.array([self.clock.speed(route.first, route.device) for route in routes])
         server = [sum(sum(self._flops(s)) / self.clock.speed(s, route.device) for s in route.stages[1:])
                   for route in routes]
-        sizes = [step_bytes(self.costs, u, self.batch, self.seq, s, s) for u, s in enumerate(specs)]
+        sizes = [step_bytes(self.costs, u, self.batch, self.seq, a, g)
+                 for u, (a, g) in enumerate(zip(activations, gradients, strict=True))]
         return Loads(
             forward_s=np.array([f for f, _ in device]) / speed,
             backward_s=np.array([b for _, b in device]) / speed,
@@ -267,7 +335,7 @@ class Problem:
 
     def mean_delay(self, decision: Decision) -> float:
         """Mean over the configured rounds of ``round_delay`` for a decision."""
-        loads = self.loads(decision.protocol, decision.cuts, decision.ranks, decision.specs)
+        loads = self.loads(decision.protocol, decision.cuts, decision.ranks, decision.activations, decision.gradients)
         total = 0.0
         for r in range(self.rounds):
             owners = self.equal_owners() if decision.owners is None else decision.owners[r]
@@ -277,7 +345,7 @@ class Problem:
 
     def equal_decision(self) -> Decision:
         """The configured cuts and ranks, round-robin subchannels, equal power, no compression."""
-        return Decision(self.config.protocol, self.base_cuts(), self.ranks.copy(), ["none"] * self.n)
+        return Decision(self.config.protocol, self.base_cuts(), self.ranks.copy(), ["none"] * self.n, ["none"] * self.n)
 
     def base_cuts(self) -> np.ndarray:
         """The configured cuts (devices.cuts, or the deepest that fits devices.memory_mb; with a

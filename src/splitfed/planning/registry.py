@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 
 from splitfed.config import RunConfig
 from splitfed.planning.baselines import bandwidth_only, cut_only, equal
+from splitfed.planning.calibrate import CodecCalibration
 from splitfed.planning.convergence import FITTED
 from splitfed.planning.fedsllm import fedsllm
 from splitfed.planning.plan import Plan
@@ -44,17 +45,26 @@ def register(name: str) -> Callable[[Planner], Planner]:
     return add
 
 
+def _measured_errors(problem: Problem, stream: str, specs: list[str], cuts: np.ndarray) -> list[dict[str, float]]:
+    """Per device: the measured errors of its pipeline on ``stream`` at its cut."""
+    return [{"tensor": e.tensor, "token_median": e.token_median} for e in problem.codec_errors(stream, specs, cuts)]
+
+
 def to_plan(problem: Problem, decision: Decision, name: str) -> Plan:
-    """A decision written as a plan (explicit per-round owners; power only if the planner set it)."""
+    """A decision written as a plan (explicit per-round owners; power only if the planner set it), with
+    the measured errors of its pipelines."""
     owners = decision.owners or [problem.equal_owners()] * problem.rounds
     protocol, config = protocol_class(decision.protocol), problem.config_for(decision.protocol)
+    problem.measure([*decision.activations, *decision.gradients])
     return Plan(
         planner=name,
         protocol=decision.protocol,
         cuts=[int(c) for c in decision.cuts],
         ranks=[int(r) for r in decision.ranks],
-        activations=list(decision.specs),
-        gradients=list(decision.specs),
+        activations=list(decision.activations),
+        gradients=list(decision.gradients),
+        activation_errors=_measured_errors(problem, "activations", decision.activations, decision.cuts),
+        gradient_errors=_measured_errors(problem, "gradients", decision.gradients, decision.cuts),
         subchannels=problem.channel.subchannels,
         subchannel_hz=problem.channel.bandwidth_hz,
         subchannel_owner=[[int(u) for u in row] for row in owners],
@@ -66,15 +76,20 @@ def to_plan(problem: Problem, decision: Decision, name: str) -> Plan:
 
 
 def make_plan(config: RunConfig, model_config: PretrainedConfig, planner: str = "sft",
-              options: PlanOptions | None = None) -> Plan:
-    """Run planner ``planner`` on ``config`` and predict the planned run's delay and memory."""
+              options: PlanOptions | None = None, calibration: CodecCalibration | None = None,
+              progress: Callable[[str], None] | None = None) -> Plan:
+    """Run planner ``planner`` on ``config`` and predict the planned run's delay and memory.
+
+    ``calibration``: measured codec errors to use (``planning.calibrate.calibrate_codecs``, e.g. one for
+    many plans of a model and data); None: measured on ``config``'s model and data when the planner
+    first needs a lossy pipeline's error (sft does), with ``progress`` getting its progress lines."""
     if planner not in PLANNERS:
         raise ValueError(f"unknown planner {planner!r}; allowed: {', '.join(PLANNERS)}")
     options = options or PlanOptions()
     started = time.perf_counter()
-    problem = Problem(config, model_config)
+    problem = Problem(config, model_config, calibration, progress)
     plan = to_plan(problem, PLANNERS[planner](problem, options), planner)
-    plan.solve_s = time.perf_counter() - started
+    plan.solve_s = time.perf_counter() - started - problem.calibration_s
     prediction = predict(plan.apply(config), model_config)
     plan.round_s = prediction.round_s
     plan.first_order = prediction.first_order

@@ -1,13 +1,18 @@
 """``sft`` planner (SFT: split fine-tuning in wireless networks): two timescales.
 
-Slow timescale, once per run: each device's cut (blocks on the device) and compression rate
-(a rung of ``LADDER``, priced with the codecs' ``bytes_per_element`` and
-``expected_relative_error``), under device memory and a limit on the mean compression error.
+Slow timescale, once per run: each device's cut (blocks on the device) and two compression
+rates, one for its activations and one for the gradients sent back to it (each a rung of
+``LADDER``, priced with the codecs' ``bytes_per_element``), under device memory and two accuracy
+limits: the mean over devices of the activation pipelines' error <= ``PlanOptions.max_error``, and
+of the gradient pipelines' error <= ``PlanOptions.max_grad_error``. The errors are measured on the
+configured model's real tensors at each cut (``planning.calibrate``; ``CodecError.worst``, the larger
+of the whole-tensor and the median per-token relative error).
 Per step the delay is max_u head_u + sum_u server_u + max_u tail_u (the shared server takes
 the devices' batches together), written with epigraph variables t_h >= head_u, t_t >= tail_u
-and solved by an augmented Lagrangian: per device the option minimising its server time plus
-the augmented penalties (the error constraint's term linearised), then t_h, t_t by bisection,
-then multiplier ascent. The slow problem sees each device's mean rate over the rounds.
+and solved by an augmented Lagrangian: per device the option (cut, activation rung, gradient
+rung) minimising its server time plus the augmented penalties (the error constraints' terms
+linearised), then t_h, t_t in closed form, then multiplier ascent. The slow problem sees each
+device's mean rate over the rounds.
 
 Fast timescale, per channel realisation (round): subchannels by SLSQP
 (``planning.spectrum.slsqp_owners``). Two passes: rates -> slow -> fast -> rates -> slow -> fast.
@@ -26,7 +31,6 @@ from splitfed.planning.problem import BITS, Decision, PlanOptions, Problem
 from splitfed.planning.spectrum import slsqp_owners
 from splitfed.registry import protocol_class
 from splitfed.system.traffic import step_bytes
-from splitfed.wire.codecs import expected_relative_error
 
 LADDER = (
     "none", "fp16", "quant:8 > zstd", "quant:6 > zstd", "quant:4 > zstd",
@@ -41,54 +45,69 @@ def _mean_rates(problem: Problem, decision: Decision) -> tuple[np.ndarray, np.nd
     return np.mean([up for up, _ in rates], axis=0), np.mean([down for _, down in rates], axis=0)
 
 
+def _error_grid(problem: Problem, stream: str, ladder: tuple[str, ...], cuts: list[int]) -> np.ndarray:
+    """(cuts, rungs) measured error (``CodecError.worst``) of each rung on ``stream`` at each cut."""
+    specs = [spec for _ in cuts for spec in ladder]
+    at = [cut for cut in cuts for _ in ladder]
+    errors = problem.codec_errors(stream, specs, at)
+    return np.array([e.worst for e in errors]).reshape(len(cuts), len(ladder))
+
+
 def _options(problem: Problem, protocol: str, cuts: list[int], ladder: tuple[str, ...],
              up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, ...]:
-    """head, tail (devices, cuts, rungs), server (devices, cuts, 1) seconds per step; error (rungs,)."""
+    """Seconds per step of each device's options (cut, activation rung, gradient rung): head
+    (devices, cuts, rungs, 1), tail (devices, cuts, 1, rungs), server (devices, cuts, 1, 1); and the
+    measured errors of the activation rungs (cuts, rungs, 1) and of the gradient rungs (cuts, 1, rungs)."""
     ranks = problem.ranks
     n, steps = problem.n, problem.steps
-    per_cut = [problem.loads(protocol, np.full(n, c), ranks, ["none"] * n) for c in cuts]
-    fwd = np.stack([lo.forward_s for lo in per_cut], axis=1)[:, :, None]  # (devices, cuts, 1)
-    bwd = np.stack([lo.backward_s for lo in per_cut], axis=1)[:, :, None]
-    server = np.stack([lo.server_s for lo in per_cut], axis=1)[:, :, None]
-    download = np.stack([lo.download for lo in per_cut], axis=1)[:, :, None]
-    upload = np.stack([lo.upload for lo in per_cut], axis=1)[:, :, None]
+    plain = ["none"] * n
+    per_cut = [problem.loads(protocol, np.full(n, c), ranks, plain, plain) for c in cuts]
+
+    def per_device_and_cut(field: str) -> np.ndarray:  # (devices, cuts, 1, 1)
+        return np.stack([getattr(lo, field) for lo in per_cut], axis=1)[:, :, None, None]
+
+    fwd, bwd, server = per_device_and_cut("forward_s"), per_device_and_cut("backward_s"), per_device_and_cut("server_s")
+    download, upload = per_device_and_cut("download"), per_device_and_cut("upload")
     sizes = [step_bytes(problem.costs, 0, problem.batch, problem.seq, s, s) for s in ladder]
-    act = np.array([s["activations"] for s in sizes])[None, None, :]
-    grad = np.array([s["activation_grad"] for s in sizes])[None, None, :]
+    act = np.array([s["activations"] for s in sizes])[None, None, :, None]
+    grad = np.array([s["activation_grad"] for s in sizes])[None, None, None, :]
     control = per_cut[0]
-    up3, down3 = up[:, None, None], down[:, None, None]
-    head = fwd + BITS * act / up3 + BITS * download / down3 / steps
-    tail = (BITS * grad / down3 + bwd + BITS * control.norm[:, None, None] / up3
-            + BITS * control.clip[:, None, None] / down3 + BITS * upload / up3 / steps)
+    up4, down4 = up[:, None, None, None], down[:, None, None, None]
+    head = fwd + BITS * act / up4 + BITS * download / down4 / steps
+    tail = (BITS * grad / down4 + bwd + BITS * control.norm[:, None, None, None] / up4
+            + BITS * control.clip[:, None, None, None] / down4 + BITS * upload / up4 / steps)
     fits = np.array([[problem.memory(c, int(ranks[u])) <= problem.budget[u] for c in cuts] for u in range(n)])
-    head = np.where(fits[:, :, None], head, np.inf)
-    error = np.array([expected_relative_error(s) for s in ladder])
-    return head, tail, server, error
+    head = np.where(fits[:, :, None, None], head, np.inf)
+    act_error = _error_grid(problem, "activations", ladder, cuts)[:, :, None]
+    grad_error = _error_grid(problem, "gradients", ladder, cuts)[:, None, :]
+    return head, tail, server, act_error, grad_error
 
 
-def _augmented_lagrangian(head: np.ndarray, tail: np.ndarray, server: np.ndarray, error: np.ndarray,
-                          max_error: float, iterations: int = 25) -> tuple[np.ndarray, float]:
-    """Option index (devices,) into the flattened (cuts x rungs) grid minimising the step time
-    max head + sum server + max tail subject to mean error <= max_error; and that time."""
-    n = head.shape[0]
-    h, t = head.reshape(n, -1), tail.reshape(n, -1)
-    s = np.broadcast_to(server, head.shape).reshape(n, -1)
-    e = np.broadcast_to(error[None, None, :], head.shape).reshape(n, -1)[0]
+def _augmented_lagrangian(head: np.ndarray, tail: np.ndarray, server: np.ndarray,
+                          limits: list[tuple[np.ndarray, float]], iterations: int = 25) -> tuple[np.ndarray, float]:
+    """Option index (devices,) into the flattened grid of options (head, tail and server broadcast
+    to (devices, *grid)) minimising the step time max head + sum server + max tail subject to, for
+    each (error over the grid, limit) of ``limits``, mean over devices of the error <= limit; and that time."""
+    grid = np.broadcast_shapes(head.shape, tail.shape, server.shape)
+    n = grid[0]
+    h, t, s = (np.broadcast_to(a, grid).reshape(n, -1) for a in (head, tail, server))
+    errors = [np.broadcast_to(error, grid[1:]).reshape(-1) for error, _ in limits]
+    bounds = np.array([limit for _, limit in limits])
 
     def value(choice: np.ndarray) -> float:
         rows = np.arange(n)
         return float(h[rows, choice].max() + s[rows, choice].sum() + t[rows, choice].max())
 
     # Incumbent: the fastest option of each device among the exact (error 0) ones.
-    exact = np.where(e[None, :] <= 0.0, h + s + t, np.inf)
+    exact = np.where(np.all([e <= 0.0 for e in errors], axis=0)[None, :], h + s + t, np.inf)
     best = np.argmin(exact, axis=1)
     best_value = value(best)
     scale = max(best_value, 1e-12)
     h, t, s = h / scale, t / scale, s / scale
-    lam, mu, nu, rho = np.zeros(n), np.zeros(n), 0.0, 1.0
+    lam, mu, nu, rho = np.zeros(n), np.zeros(n), np.zeros(len(limits)), 1.0
     rows = np.arange(n)
     t_h, t_t = h[rows, best].max(), t[rows, best].max()
-    mean_error = 0.0
+    mean_errors = np.zeros(len(limits))
 
     def penalty(g: np.ndarray, mult: np.ndarray) -> np.ndarray:
         return (np.maximum(0.0, mult[:, None] + rho * g) ** 2 - mult[:, None] ** 2) / (2 * rho)
@@ -104,36 +123,38 @@ def _augmented_lagrangian(head: np.ndarray, tail: np.ndarray, server: np.ndarray
         return float(candidates[np.argmax(valid)]) if valid.any() else float(a[0] - 1.0 / rho)
 
     for _ in range(iterations):
-        error_weight = max(0.0, nu + rho * (mean_error - max_error)) / n
-        cost = s + penalty(h - t_h, lam) + penalty(t - t_t, mu) + error_weight * e[None, :]
+        error_weights = np.maximum(0.0, nu + rho * (mean_errors - bounds)) / n
+        cost = s + penalty(h - t_h, lam) + penalty(t - t_t, mu)
+        cost = cost + sum(w * e for w, e in zip(error_weights, errors))[None, :]
         cost = np.where(np.isfinite(h), cost, np.inf)
         choice = np.argmin(cost, axis=1)
         heads, tails = h[rows, choice], t[rows, choice]
         t_h, t_t = epigraph(heads, lam), epigraph(tails, mu)
-        mean_error = float(e[choice].mean())
+        mean_errors = np.array([e[choice].mean() for e in errors])
         lam = np.maximum(0.0, lam + rho * (heads - t_h))
         mu = np.maximum(0.0, mu + rho * (tails - t_t))
-        nu = max(0.0, nu + rho * (mean_error - max_error))
+        nu = np.maximum(0.0, nu + rho * (mean_errors - bounds))
         rho = min(rho * 1.5, 1e4)
-        if mean_error <= max_error + 1e-12 and value(choice) * scale < best_value:
+        if np.all(mean_errors <= bounds + 1e-12) and value(choice) * scale < best_value:
             best, best_value = choice.copy(), value(choice) * scale
     return best, best_value
 
 
 def slow_timescale(problem: Problem, protocol: str, ladder: tuple[str, ...], max_error: float,
-                   up: np.ndarray, down: np.ndarray, common_cut: bool) -> Decision:
+                   max_grad_error: float, up: np.ndarray, down: np.ndarray, common_cut: bool) -> Decision:
     """Cuts and codecs: per device, or one cut for all (each common cut solved, best kept)."""
     limit = problem.total_layers - 1
     best: tuple[float, Decision] | None = None
     groups = [[c] for c in range(1, limit + 1)] if common_cut else [list(range(1, limit + 1))]
     for cuts in groups:
-        head, tail, server, error = _options(problem, protocol, cuts, ladder, up, down)
-        if not np.all(np.isfinite(head).any(axis=(1, 2))):
+        head, tail, server, act_error, grad_error = _options(problem, protocol, cuts, ladder, up, down)
+        if not np.all(np.isfinite(head).any(axis=(1, 2, 3))):
             continue  # some device cannot hold this cut
-        choice, step = _augmented_lagrangian(head, tail, server, error, max_error)
-        cut_index, rung = np.unravel_index(choice, head.shape[1:])
+        limits = [(act_error, max_error), (grad_error, max_grad_error)]
+        choice, step = _augmented_lagrangian(head, tail, server, limits)
+        cut_index, act_rung, grad_rung = np.unravel_index(choice, (len(cuts), len(ladder), len(ladder)))
         decision = Decision(protocol, np.array([cuts[i] for i in cut_index]), problem.ranks.copy(),
-                            [ladder[k] for k in rung])
+                            [ladder[k] for k in act_rung], [ladder[k] for k in grad_rung])
         if best is None or step < best[0]:
             best = (step, decision)
     assert best is not None  # cut 1 fits every device (Problem checked it)
@@ -142,12 +163,13 @@ def slow_timescale(problem: Problem, protocol: str, ladder: tuple[str, ...], max
 
 def fast_timescale(problem: Problem, decision: Decision, polish: bool = True) -> Decision:
     """Subchannels for every round's channel realisation (SLSQP when ``polish``)."""
-    loads = problem.loads(decision.protocol, decision.cuts, decision.ranks, decision.specs)
+    loads = problem.loads(decision.protocol, decision.cuts, decision.ranks, decision.activations, decision.gradients)
     decision.owners = [slsqp_owners(problem, decision.protocol, loads, r, polish) for r in range(problem.rounds)]
     return decision
 
 
-def solve(problem: Problem, ladder: tuple[str, ...], max_error: float, allocate: bool) -> Decision:
+def solve(problem: Problem, ladder: tuple[str, ...], max_error: float, max_grad_error: float,
+          allocate: bool) -> Decision:
     """Best of the equal decision and the two-timescale solutions for each allowed cut structure."""
     incumbent = problem.equal_decision()
     config_protocol = problem.config.protocol
@@ -158,11 +180,11 @@ def solve(problem: Problem, ladder: tuple[str, ...], max_error: float, allocate:
         structures.append((per_device, False))
     best, best_delay = incumbent, problem.mean_delay(incumbent)
     for protocol, common in structures:
-        decision = Decision(protocol, incumbent.cuts, incumbent.ranks, incumbent.specs)
+        decision = Decision(protocol, incumbent.cuts, incumbent.ranks, incumbent.activations, incumbent.gradients)
         passes = 2 if allocate else 1
         for index in range(passes):
             up, down = _mean_rates(problem, decision)
-            decision = slow_timescale(problem, protocol, ladder, max_error, up, down, common)
+            decision = slow_timescale(problem, protocol, ladder, max_error, max_grad_error, up, down, common)
             if allocate:
                 decision = fast_timescale(problem, decision, polish=index == passes - 1)
         if protocol == per_device and len(set(decision.cuts.tolist())) == 1:
@@ -174,5 +196,6 @@ def solve(problem: Problem, ladder: tuple[str, ...], max_error: float, allocate:
 
 
 def sft(problem: Problem, options: PlanOptions) -> Decision:
-    """Per-device cut and codec (slow) and per-round subchannels (fast), under ``options.max_error``."""
-    return solve(problem, LADDER, options.max_error, allocate=True)
+    """Per-device cut and codecs (slow) and per-round subchannels (fast), under ``options.max_error``
+    (activations) and ``options.max_grad_error`` (gradients)."""
+    return solve(problem, LADDER, options.max_error, options.max_grad_error, allocate=True)

@@ -25,8 +25,8 @@ torch operations on one thread (``ONE_THREAD``).
 Decoding trusts nothing: every dtype, shape and length is checked against the metadata
 and a corrupt or truncated encoding raises ``CodecError`` (a ``MessageError``).
 
-For the planner, ``bytes_per_element`` and ``expected_relative_error`` predict a
-pipeline's size and error from the spec alone, without running a model.
+For the planner, ``bytes_per_element`` predicts a pipeline's size from the spec alone, without
+running a model (its error is measured on real tensors: ``splitfed.planning.calibrate``).
 """
 
 from __future__ import annotations
@@ -149,15 +149,10 @@ class Codec(Protocol):
 
 
 class Transform(Codec, Protocol):
-    """A lossy (or casting) stage, with the size and error models the planner uses."""
+    """A lossy (or casting) stage, with the size model the planner uses."""
 
     def estimate(self, numel: int, row_size: int) -> tuple[int, dict[str, tuple[float, float]]]:
         """For ``numel`` input values: (payload elements, {part: (bytes, bytes after zstd)}), PAYLOAD included."""
-        ...
-
-    def error_terms(self, kept_energy: float, kept_ratio: float) -> tuple[float, float, float]:
-        """Given the energy and fraction of elements kept so far on unit-variance i.i.d. Gaussian
-        input: (kept energy, kept ratio, squared error this stage adds, per input element)."""
         ...
 
 
@@ -200,12 +195,6 @@ class FloatCast:
 
     def estimate(self, numel: int, row_size: int) -> tuple[int, dict[str, tuple[float, float]]]:
         return numel, {PAYLOAD: (2 * numel, 2 * numel)}
-
-    def error_terms(self, kept_energy: float, kept_ratio: float) -> tuple[float, float, float]:
-        # Round to nearest: error uniform in +-ulp / 2 with ulp = 2 u 2**e for |x| = m 2**e, m
-        # log-uniform in [1, 2): E[err**2] / E[x**2] = (u**2 / 3) / E[m**2] = u**2 2 ln 2 / 9.
-        unit_roundoff = torch.finfo(self.dtype).eps / 2
-        return kept_energy, kept_ratio, kept_energy * unit_roundoff**2 * 2 * math.log(2) / 9
 
 
 @dataclass
@@ -256,12 +245,6 @@ class TopK:
         kept = numel // row_size * self.keep(row_size) if self.per_token else self.keep(numel)
         mask = math.ceil(numel / 8)
         return kept, {PAYLOAD: (4 * kept, 4 * kept), "mask": (mask, min(mask, _zstd_mask_bytes(numel, kept)))}
-
-    def error_terms(self, kept_energy: float, kept_ratio: float) -> tuple[float, float, float]:
-        # |x| > t with P(|x| > t) = ratio; energy kept E[x^2; |x| > t] = 2 (t phi(t) + Q(t)).
-        t = NormalDist().inv_cdf(1 - self.ratio / 2)
-        kept = min(1.0, 2 * (t * NormalDist().pdf(t) + self.ratio / 2))
-        return kept_energy * kept, kept_ratio * self.ratio, kept_energy * (1 - kept)
 
 
 def _pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
@@ -332,14 +315,6 @@ class StochasticQuant:
         payload, scales = _packed_size(numel, self.bits), 2 * math.ceil(numel / self.block)
         return numel, {PAYLOAD: (payload, payload), "scales": (scales, scales)}
 
-    def error_terms(self, kept_energy: float, kept_ratio: float) -> tuple[float, float, float]:
-        # Scale = median maximum of |x| over a block of survivors (the tail |x| > t of a Gaussian
-        # when top-k ran first); stochastic rounding adds variance step**2 / 6 per element.
-        tail = kept_ratio * (1 - 0.5 ** (1 / self.block)) / 2
-        scale = NormalDist().inv_cdf(1 - tail)
-        step = 2 * scale / (2**self.bits - 1)
-        return kept_energy, kept_ratio, kept_ratio * step**2 / 6
-
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as (tokens, channels): the last dimension is the channel; a 0-d or 1-d tensor is one row."""
@@ -393,9 +368,6 @@ class Center:
     def estimate(self, numel: int, row_size: int) -> tuple[int, dict[str, tuple[float, float]]]:
         return numel, {PAYLOAD: (4 * numel, 4 * numel), "center": (2 * row_size, 2 * row_size)}
 
-    def error_terms(self, kept_energy: float, kept_ratio: float) -> tuple[float, float, float]:
-        return kept_energy, kept_ratio, 0.0  # the Gaussian model has no offset to remove
-
 
 ECQ_LIMIT = 7
 """Largest symbol magnitude of ``ecq``: symbols -7..7 and the escape fit in 4 bits."""
@@ -419,21 +391,6 @@ def _robust_spread(magnitude: np.ndarray) -> np.ndarray:
         return spread
     rms = np.sqrt(np.square(magnitude, dtype=np.float64).mean(axis=1)).astype(np.float32)
     return np.where(spread > 0, spread, np.where(rms > 0, rms, np.float32(1)))
-
-
-def _gaussian_bin_error(step: float) -> float:
-    """E[(x - decoded)**2] of ``ecq`` on a unit Gaussian: the variance of x inside each bin
-    (the decoder returns the bin's mean); escapes beyond +-(7.5 step) are exact."""
-    normal, error = NormalDist(), 0.0
-    for k in range(-ECQ_LIMIT, ECQ_LIMIT + 1):
-        a, b = (k - 0.5) * step, (k + 0.5) * step
-        mass = normal.cdf(b) - normal.cdf(a)
-        if mass <= 0:
-            continue
-        first = normal.pdf(a) - normal.pdf(b)  # integral of x phi(x) over [a, b]
-        second = mass + a * normal.pdf(a) - b * normal.pdf(b)  # integral of x**2 phi(x)
-        error += second - first**2 / mass
-    return max(error, 0.0)
 
 
 def _interpolate_log(table: tuple[tuple[float, float], ...], x: float) -> float:
@@ -536,14 +493,6 @@ class EntropyQuant:
             coded = numel * _interpolate_log(ECQ_ZSTD_BITS, self.step) / 8
         return numel, {PAYLOAD: (payload, coded), "scales": (2 * rows, 2 * rows), "levels": (30, 30),
                        "outliers": (4 * escapes, 4 * escapes)}
-
-    def error_terms(self, kept_energy: float, kept_ratio: float) -> tuple[float, float, float]:
-        if kept_ratio >= 1:
-            return kept_energy, kept_ratio, _gaussian_bin_error(self.step)
-        # Survivors of top-k are the Gaussian tails: spread from their median magnitude, and a
-        # step fine against the tails' spread gives the uniform-rounding error step**2 / 12.
-        spread = ROBUST_SIGMA * NormalDist().inv_cdf(1 - kept_ratio / 4)
-        return kept_energy, kept_ratio, kept_ratio * (self.step * spread) ** 2 / 12
 
 
 @dataclass
@@ -734,14 +683,6 @@ class Pipeline:
             header += HEADER_BYTES + len(self.spec) + HEADER_BYTES_PER_STAGE * stages
         return (total + header) / max(numel, 1)
 
-    def expected_relative_error(self) -> float:
-        """Expected ||decoded - x|| / ||x|| on i.i.d. Gaussian input (see module function)."""
-        kept_energy, kept_ratio, squared_error = 1.0, 1.0, 0.0
-        for codec in self.transforms:
-            kept_energy, kept_ratio, added = codec.error_terms(kept_energy, kept_ratio)
-            squared_error += added
-        return math.sqrt(squared_error)
-
 
 def parse_pipeline(spec: str) -> Pipeline:
     """Parse a spec such as ``"topk:0.1 > quant:4 > zstd"``; raise SpecError listing what is allowed."""
@@ -765,20 +706,6 @@ def bytes_per_element(pipeline_spec: str, numel: int, row_size: int | None = Non
     constant per stage and per part. Agreement with real encodings is tested.
     """
     return parse_pipeline(pipeline_spec).bytes_per_element(numel, row_size)
-
-
-def expected_relative_error(pipeline_spec: str) -> float:
-    """Expected ||decoded - x|| / ||x|| of a pipeline, analytic for i.i.d. Gaussian input.
-
-    top-k keeps the energy of the Gaussian tails beyond the matching quantile; stochastic
-    quantization adds step**2 / 6 per survivor with the block scale at the median block
-    maximum; fp16 / bf16 add round-to-nearest error (0.39 x their unit roundoff); ``ecq`` adds the
-    variance of a Gaussian inside each rounding bin; ``center`` and zstd are lossless. Real activations
-    are heavier-tailed than Gaussian, so top-k and ``ecq`` usually do better than this estimate.
-    Error feedback is not modelled (it leaves the per-tensor error alike and removes the bias
-    of the accumulated sum).
-    """
-    return parse_pipeline(pipeline_spec).expected_relative_error()
 
 
 class ErrorFeedback:
