@@ -179,23 +179,21 @@ def trains_like_equal(plan, equal) -> bool:
             and lossless)
 
 
-def plan_calibration(plan):
-    """The codec calibration a plan measured, to reuse for the next plans of the same model and data."""
-    return getattr(plan, "calibration", None)
-
-
 def part_c(work: Path, seeds: list[int]) -> str:
+    from splitfed.planning.calibrate import calibrate_codecs
     from splitfed.planning.registry import make_plan
+    from splitfed.planning.sft import LADDER
     from splitfed.run import run
 
     model_config = load_model_config("smollm2")
     results: dict[str, list[dict]] = {name: [] for name in PLANNERS}
+    # sft's codec errors, measured once on the model's real tensors (seed 0's batches) for every seed's plans
+    calibration = calibrate_codecs(planner_config(seeds[0]), [spec for spec in LADDER if spec != "none"],
+                                   progress=lambda line: print(line, flush=True))
     for seed in seeds:
         config = planner_config(seed)
-        calibration = None
         for name in PLANNERS:
             plan = make_plan(config, model_config, name, calibration=calibration)
-            calibration = plan_calibration(plan) or calibration
             out = work / f"c-{name}-{seed}"
             summary_file = out / "summary.json"
             if name != "equal" and trains_like_equal(plan, results["equal"][-1]["plan"]):

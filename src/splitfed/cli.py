@@ -192,6 +192,8 @@ def _print_plan(result, out: Console) -> None:
         f"{len(result.round_s)} rounds); total delay {result.total_delay_s:.1f} s = {result.rounds_needed:.1f} rounds "
         f"x round; server memory {result.server_memory_bytes / mb:.0f} MB; solved in {result.solve_s:.3f} s"
     )
+    for note in result.notes:
+        out.print(f"[yellow]note:[/yellow] {rich.markup.escape(note)}")
 
 
 @app.command()

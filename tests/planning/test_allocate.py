@@ -68,3 +68,19 @@ def test_convergence_fit_recovers_known_constants():
     assert steps_to_reach([3.0, 2.0, 1.0], 1.5) == pytest.approx(1.5)
     assert steps_to_reach([3.0, 2.9], 1.0) == 1.0  # never reached: the curve's length
     assert truth.rounds(2, local_steps=4) == pytest.approx(3.0) and truth.rounds(16, 100) == 1.0
+
+
+FITTED_ON = (("protocol", "sfl"), ("devices", 4), ("batch_size", 2), ("seq_len", 64), ("local_steps", 3), ("lr", 2e-3))
+
+
+@pytest.mark.parametrize(("ranks", "workload", "expected"), [
+    ([8, 8], FITTED_ON, []),
+    ([2, 16], FITTED_ON, []),  # the ends of the fitted range are not extrapolation
+    ([32, 8], FITTED_ON, ["rounds(rank) extrapolates to rank 32: fitted on ranks 2, 4, 8, 16"]),
+    ([1], FITTED_ON, ["rounds(rank) extrapolates to rank 1: fitted on ranks 2, 4, 8, 16"]),
+    ([8], (("protocol", "memsfl"), *FITTED_ON[1:4], ("local_steps", 5), FITTED_ON[5]),
+     ["rounds(rank) was fitted on another workload: protocol memsfl (fitted: sfl); local_steps 5 (fitted: 3)"]),
+])
+def test_convergence_model_says_where_it_extrapolates(ranks, workload, expected):
+    model = StepsModel(a=4.0, b=16.0, ranks=(2, 4, 8, 16), error=1.5, workload=FITTED_ON)
+    assert model.notes(ranks, workload) == expected

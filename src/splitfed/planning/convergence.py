@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from splitfed.config import RunConfig
+
 
 @dataclass(frozen=True)
 class StepsModel:
@@ -55,7 +57,7 @@ class StepsModel:
         return notes
 
 
-def workload_of(config) -> tuple[tuple[str, object], ...]:
+def workload_of(config: RunConfig) -> tuple[tuple[str, object], ...]:
     """The fields of a run config (``RunConfig``) that the number of steps to a loss depends on."""
     train = config.train
     return (("protocol", config.protocol), ("devices", config.devices.count), ("batch_size", train.batch_size),

@@ -43,6 +43,8 @@ class Plan:
     """Predicted simulated seconds of each round of the configured run (what ``sim_s`` records)."""
     rounds_needed: float = 0.0
     """Rounds to the convergence model's target at the plan's rank (planning.convergence)."""
+    notes: list[str] = field(default_factory=list)
+    """Where the prediction leans on a model beyond what it was fitted on (e.g. rounds(rank) at another rank)."""
     device_memory_bytes: list[int] = field(default_factory=list)
     server_memory_bytes: int = 0
     first_order: list[int] = field(default_factory=list)

@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 from splitfed.config import RunConfig
 from splitfed.planning.baselines import bandwidth_only, cut_only, equal
 from splitfed.planning.calibrate import CodecCalibration
-from splitfed.planning.convergence import FITTED
+from splitfed.planning.convergence import FITTED, workload_of
 from splitfed.planning.fedsllm import fedsllm
 from splitfed.planning.plan import Plan
 from splitfed.planning.predict import predict
@@ -96,4 +96,5 @@ def make_plan(config: RunConfig, model_config: PretrainedConfig, planner: str = 
     plan.device_memory_bytes = prediction.device_memory_bytes
     plan.server_memory_bytes = prediction.server_memory_bytes
     plan.rounds_needed = FITTED.rounds(max(plan.ranks), config.train.local_steps)
+    plan.notes = FITTED.notes(plan.ranks, workload_of(config))
     return plan
