@@ -215,7 +215,7 @@ def main() -> None:
     specs = list(dict.fromkeys(spec for s in SETTINGS for spec in (s.activations, s.gradients)))
     speeds = {spec: (throughput(spec, shape, args.repeats, True), throughput(spec, shape, args.repeats, False))
               for spec in specs}
-    probe = parse_config({"protocol": "sfl", "train": {"batch_size": 4, "seq_len": 64}, "devices": {"count": 4}})
+    probe = parse_config({"protocol": "sfl", "train": {"batch_size": 4, "seq_len": 64}, "devices": {"count": 4, "cuts": [4]}})
     calibration = calibrate_codecs(probe, [s for s in specs if not parse_pipeline(s).is_identity], list(CUTS),
                                    progress=print)
 
