@@ -79,7 +79,7 @@ PLOT = DOC.parent / "compression.png"
 
 
 def train(setting: Setting, rounds: int, local_steps: int, out: Path, seed: int, cut: int) -> dict:
-    """One sfl run with ``setting``; its summary plus bytes per device step."""
+    """One sfl run with ``setting``; its summary plus bytes per device step (a finished run in ``out`` is read back)."""
     config = parse_config({
         "protocol": "sfl",
         "seed": seed,
@@ -89,7 +89,8 @@ def train(setting: Setting, rounds: int, local_steps: int, out: Path, seed: int,
         "compression": {"activations": setting.activations, "gradients": setting.gradients,
                         "error_feedback": setting.error_feedback},
     })
-    summary = run(config, out, progress=False)
+    done = out / "summary.json"
+    summary = json.loads(done.read_text()) if done.exists() else run(config, out, progress=False, overwrite=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     summary["bytes_per_step"] = statistics.mean(r["bytes_up"] + r["bytes_down"] for r in steps)
@@ -167,15 +168,17 @@ def _errors(calibration, spec: str, stream: str, cut: int) -> str:
     return f"{error.tensor:.3f} / {error.token_median:.3f}"
 
 
-def run_all(jobs: list[tuple[Setting, int, int]], rounds: int, local_steps: int, workers: int) -> dict:
-    """(setting, seed, cut) -> summary, ``workers`` runs at a time, each on one torch thread."""
+def run_all(jobs: list[tuple[Setting, int, int]], rounds: int, local_steps: int, workers: int, work: Path) -> dict:
+    """(setting, seed, cut) -> summary, ``workers`` runs at a time, each on one torch thread; runs go to ``work``
+    (finished ones there are read back: an interrupted benchmark resumes)."""
     summaries = {}
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
+    with ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)
     ) as pool:
         started = time.perf_counter()
-        futures = {pool.submit(train, setting, rounds, local_steps, Path(tmp) / f"run{i}", seed, cut): (setting, seed, cut)
-                   for i, (setting, seed, cut) in enumerate(jobs)}
+        futures = {pool.submit(train, setting, rounds, local_steps,
+                               work / f"cut{cut}-seed{seed}-setting{SETTINGS.index(setting)}", seed, cut): (setting, seed, cut)
+                   for setting, seed, cut in jobs}
         for future in as_completed(futures):
             key = futures[future]
             summaries[key] = summary = future.result()
@@ -207,7 +210,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30, help="timed encode+decode repeats per pipeline")
     parser.add_argument("--jobs", type=int, default=2, help="training runs at once, each on one torch thread")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (finished ones are reused)")
     args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="compression-"))
 
     # Throughput and the codecs' errors on real tensors first, in this process; the training runs go to workers.
     shape = (4, 64, 576)  # one device's activations: batch x seq x hidden
@@ -220,7 +225,7 @@ def main() -> None:
                                    progress=print)
 
     summaries = run_all([(setting, seed, cut) for cut in CUTS for seed in CHOICE_SEEDS for setting in SETTINGS],
-                        args.rounds, args.local_steps, args.jobs)
+                        args.rounds, args.local_steps, args.jobs, work)
     outcomes = outcomes_of(summaries, CHOICE_SEEDS)
     meets = [o for o in outcomes if o.fewer >= GOAL_BYTES and o.mean_change(CHOICE_SEEDS) <= GOAL_PPL]
     lossy = [o for o in outcomes if o.fewer > 0.5 and o.mean_change(CHOICE_SEEDS) <= GOAL_PPL]
@@ -228,7 +233,7 @@ def main() -> None:
     confirm = {}
     if chosen is not None:  # the chosen setting at every cut, and none, at seeds it was not chosen on
         confirm = run_all([(setting, seed, cut) for cut in CUTS for seed in CONFIRM_SEEDS
-                           for setting in (SETTINGS[0], chosen.setting)], args.rounds, args.local_steps, args.jobs)
+                           for setting in (SETTINGS[0], chosen.setting)], args.rounds, args.local_steps, args.jobs, work)
     plot(outcomes)
 
     rows = []
