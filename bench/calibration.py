@@ -5,7 +5,7 @@
     a split step's seconds (``planning.predict``: the clock replaying the run); real runs measure the
     wall time of the same steps. In-process (one device, every role here, 2 threads) and as gRPC
     processes (a server and 2 device processes of 1 thread each, on this machine), for sfl, memsfl and
-    sflv1 at cuts 2, 8, 16 and 24. Goal: within 15%.
+    sflv1 at cuts 2, 12 and 24. Goal: within 15%.
 (b) Memory. The server role's meter (``peak_mem_server_bytes``: base weights of its stages, LoRA,
     optimizer state, activations saved for backward) against the peak RSS of the gRPC server process,
     for memsfl and sflv1 at 2, 5 and 10 devices (cut 4). The process also holds what no role's meter
@@ -37,7 +37,7 @@ from splitfed.system.costs import layer_costs, weight_bytes
 from splitfed.system.measure import profile_machine
 
 MB = 1024 * 1024
-CUTS = (2, 8, 16, 24)
+CUTS = (2, 12, 24)
 PROTOCOLS = ("sfl", "memsfl", "sflv1")
 TIMED_STEPS = 4
 """Local steps of a timing run; the first is a warm-up, the median of the others is reported."""
