@@ -36,14 +36,19 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of docs/benchmarks.md and print it."""
+PREDICTED = "Computed (predicted by the system model: nothing trained)"
+
+
+def write_section(name: str, title: str, body: str, predicted: bool = False) -> None:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md and print it; ``predicted``: its numbers
+    come from the simulated clock and cost model, not from runs, and its header says so."""
     script = Path(sys.argv[0]).resolve().relative_to(DOC.parent.parent).as_posix()
     command = "python " + " ".join([script, *sys.argv[1:]])
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     section = (
         f"<!-- {name}:start -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMeasured: {stamp} on {machine()}\n\n{body}\n<!-- {name}:end -->"
+        f"Command: `{command}`  \n{PREDICTED if predicted else 'Measured'}: {stamp} on {machine()}\n\n{body}\n"
+        f"<!-- {name}:end -->"
     )
     print(section)
     text = DOC.read_text() if DOC.exists() else HEADER

@@ -111,7 +111,7 @@ def main() -> None:
         "less delay, FedsLLM 47.63% less than an unoptimised setup (on their own systems).\n\n"
         + table + "\n\n![predicted total delay per planner](planner.png)\n"
     )
-    write_section("planner", "Planners: predicted delays (bench/planner.py)", body)
+    write_section("planner", "Planners: predicted delays (bench/planner.py)", body, predicted=True)
 
 
 if __name__ == "__main__":

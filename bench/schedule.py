@@ -100,7 +100,7 @@ def main() -> None:
             ["n", "scheduler", "step makespan (s)", "round time (s)", "vs FIFO", "vs random", "max solve (ms)"], rows
         )
     )
-    write_section("schedule", "Server scheduling (bench/schedule.py)", body)
+    write_section("schedule", "Server scheduling: predicted rounds (bench/schedule.py)", body, predicted=True)
 
 
 if __name__ == "__main__":
