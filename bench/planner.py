@@ -83,8 +83,9 @@ def plot(means: dict) -> None:
         spreads = [means[(n, name)][2] for name in ORDER]
         ax.bar(ORDER, totals, yerr=spreads, capsize=3, color=["#999", "#7aa", "#7a7", "#c84", "#48c"])
         ax.set_title(f"{n} devices")
-        ax.set_ylabel("predicted total delay (s), mean ± sd over seeds")
+        ax.set_ylabel("predicted total delay (s)")
         ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("predicted by the system model: mean ± sd over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 
