@@ -233,12 +233,12 @@ class Protocol(ABC):
             worker = StageWorker(name, self.config.train, self.pool)
             for placement in slots:
                 spec = StageSpec(placement.start, placement.end, placement.first, placement.last)
-                device = self.config.compute.torch_device(placement.tier)
-                model = self.model_on(device)
+                placed_on = self.config.compute.torch_device(placement.tier)
+                model = self.model_on(placed_on)
                 if placement.base:  # a slot on its own copy of the base weights (loaded once per label)
                     if placement.base not in copies:
                         copies[placement.base] = load_stage_model(self.ctx.model_dir, spec,
-                                                                  self.config.compute.torch_dtype, device)
+                                                                  self.config.compute.torch_dtype, placed_on)
                     model = copies[placement.base]
                 device = first_of.get(placement.key)
                 data = self.dataset(device) if placement.first and device is not None else None
