@@ -15,6 +15,8 @@ from splitfed.registry import protocol_names
 
 SOURCE = Path(splitfed.__file__).parent
 ALLOWED = {SOURCE / "registry.py"}
+RECORDS = {("planning/convergence.py", "sfl")}
+"""Protocol names as data, not switches: the workload ``FITTED`` was measured on."""
 
 
 def _string_constants(path: Path) -> list[tuple[int, str]]:
@@ -29,8 +31,9 @@ def test_no_protocol_name_outside_protocols():
     for path in sorted(SOURCE.rglob("*.py")):
         if path.is_relative_to(SOURCE / "protocols") or path in ALLOWED:
             continue
-        found += [f"{path.relative_to(SOURCE)}:{line}: {value!r}" for line, value in _string_constants(path)
-                  if value in names]
+        where = path.relative_to(SOURCE).as_posix()
+        found += [f"{where}:{line}: {value!r}" for line, value in _string_constants(path)
+                  if value in names and (where, value) not in RECORDS]
     assert not found, "protocol names outside protocols/ (switch on the protocol's declarations instead):\n" + \
         "\n".join(found)
 
