@@ -255,8 +255,8 @@ class SystemSection(_Section):
 
 
 TORCH_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|auto)$")
-TIER_FIELDS = {"device": "device", "server": "server", "edge": "edge", "cloud": "cloud"}
-"""Topology tier -> the ``compute`` field that places it."""
+TIERS = ("device", "server", "edge", "cloud")
+"""Topology tiers; each is placed by the ``compute`` field of its name."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -302,7 +302,7 @@ class ComputeSection(_Section):
 
     def field_of(self, tier: str) -> str:
         """The field that places ``tier`` (``device``, ``server``, ``edge``, ``cloud``)."""
-        field = TIER_FIELDS.get(tier, "server")
+        field = tier if tier in TIERS else "server"
         return "server" if field == "cloud" and self.cloud is None else field
 
     def torch_device(self, tier: str) -> torch.device:
