@@ -11,7 +11,7 @@ on seeds 0-2) is then run at seeds 3 and 4 to confirm it on data orders it was n
 encode+decode throughput of each pipeline on an activation-sized tensor. Goals: >= 95% fewer bytes than
 fp32 with perplexity within 2% of the uncompressed run; >= 200 MB/s.
 
-    python bench/compression.py [--rounds 3] [--local-steps 5] [--jobs 2]     # ~45 min on 2 cores
+    python bench/compression.py [--rounds 3] [--local-steps 5] [--jobs 2] [--work DIR]   # ~65 min on 2 cores
 """
 
 from __future__ import annotations
