@@ -236,10 +236,14 @@ def profile(
         for s in result["stages"]:
             table.add_row(str(s["cut"]), f"{s['forward_s']:.3f}", f"{s['backward_s']:.3f}", f"{s['flops'] / 1e9:.1f}",
                           f"{s['flop_per_s'] / 1e9:.1f}", f"{s['saved_activation_bytes'] / 2**20:.1f}")
+        head = result["head"]
+        table.add_row("head", f"{head['forward_s']:.3f}", f"{head['backward_s']:.3f}", f"{head['flops'] / 1e9:.1f}",
+                      f"{head['flop_per_s'] / 1e9:.1f}", "-")
         console.print(table)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        console.print(f"{result['flops'] / 1e9:.1f} GFLOP/s (median over cuts) -> {out}; use it as "
+        console.print(f"{result['flops'] / 1e9:.1f} GFLOP/s (median over cuts; LM head and loss "
+                      f"{result['head_flops'] / 1e9:.1f}) -> {out}; use it as "
                       f"system.device_classes = [\"{out}\"] or system.server = \"{out}\"")
 
 

@@ -31,7 +31,7 @@ from splitfed.registry import protocol_class, protocol_names
 from splitfed.seeding import Purpose, derive_seed
 from splitfed.system.schedule import Job, makespan, schedule
 from splitfed.system.clock import Clock
-from splitfed.system.costs import device_memory_bytes, layer_costs, stage_flops
+from splitfed.system.costs import device_memory_bytes, layer_costs
 from splitfed.system.traffic import adapter_message_bytes, step_bytes
 from splitfed.topology import StagePlacement, Topology, groups_share_slots
 from splitfed.wire.codecs import parse_pipeline
@@ -237,13 +237,13 @@ class Problem:
                 for s, c in zip(specs, cuts, strict=True)]
 
     # --- costs ----------------------------------------------------------------------------
-    def _flops(self, stage: StagePlacement) -> tuple[float, float]:
-        """(forward, backward) FLOPs of one route's batch through ``stage``."""
-        key = ("flops", stage.end - stage.start, stage.rank, stage.first, stage.last)
+    def _stage_s(self, stage: StagePlacement, device: int) -> tuple[float, float]:
+        """(forward, backward) seconds of one route's batch through ``stage`` on the machine the clock gives it
+        (cached: the solvers ask for the same stages many times)."""
+        machine = self.clock.machine(stage, device)
+        key = ("seconds", stage.end - stage.start, stage.rank, stage.first, stage.last, machine)
         if key not in self._cache:
-            f = stage_flops(self.costs, stage.end - stage.start, self.batch, self.seq, stage.rank,
-                            first=stage.first, last=stage.last)
-            self._cache[key] = (f.forward, f.backward)
+            self._cache[key] = self.clock.stage_s(stage, device)
         return self._cache[key]
 
     def _adapter(self, cut: int, rank: int, upload: bool) -> float:
@@ -264,15 +264,13 @@ class Problem:
         topology = self.topology(protocol, cuts, ranks)
         routes = topology.routes
         global_rank = max(s.rank for route in routes for s in route.stages)
-        device = [self._flops(route.first) for route in routes]
-        speed = np.array([self.clock.speed(route.first, route.device) for route in routes])
-        server = [sum(sum(self._flops(s)) / self.clock.speed(s, route.device) for s in route.stages[1:])
-                  for route in routes]
+        device = [self._stage_s(route.first, route.device) for route in routes]
+        server = [sum(sum(self._stage_s(s, route.device)) for s in route.stages[1:]) for route in routes]
         sizes = [step_bytes(self.costs, u, self.batch, self.seq, a, g)
                  for u, (a, g) in enumerate(zip(activations, gradients, strict=True))]
         return Loads(
-            forward_s=np.array([f for f, _ in device]) / speed,
-            backward_s=np.array([b for _, b in device]) / speed,
+            forward_s=np.array([f for f, _ in device]),
+            backward_s=np.array([b for _, b in device]),
             server_s=np.array(server),
             up_step=np.array([s["activations"] for s in sizes], dtype=float),
             down_step=np.array([s["activation_grad"] for s in sizes], dtype=float),

@@ -32,8 +32,8 @@ from transformers import PretrainedConfig
 from splitfed.config import RunConfig
 from splitfed.models.families import num_layers
 from splitfed.system.channel import Channel, equal_assignment, split_power
-from splitfed.system.costs import Flops, layer_costs, server_memory_bytes, stage_flops, stage_memory
-from splitfed.system.profiles import DeviceProfile, population, server_profile
+from splitfed.system.costs import Flops, head_flops, layer_costs, server_memory_bytes, stage_flops, stage_memory
+from splitfed.system.profiles import DeviceProfile, ServerProfile, population, server_profile
 from splitfed.system.traffic import step_bytes
 from splitfed.topology import StagePlacement, Topology
 
@@ -61,7 +61,8 @@ class Clock:
         self._device_of = {route.first.worker: route.device for route in self.routes}
         self.devices: list[DeviceProfile] = population(config.devices.count, self.seed, system.device_classes)
         if config.devices.tflops:  # the config's compute budgets replace the drawn speeds
-            self.devices = [replace(d, flops=config.device_tflops(u) * 1e12) for u, d in enumerate(self.devices)]
+            self.devices = [replace(d, flops=config.device_tflops(u) * 1e12, head_flops=None)
+                            for u, d in enumerate(self.devices)]
         self.server = server_profile(system.server)
         self.edge = server_profile(system.edge)
         self.backhaul_bps = system.backhaul_gbps * 1e9
@@ -150,15 +151,27 @@ class Clock:
         batch, seq = self._batch()
         return stage_flops(self.costs, stage.end - stage.start, batch, seq, stage.rank, stage.first, stage.last)
 
-    def speed(self, stage: StagePlacement, device: int) -> float:
-        """FLOP/s of the machine that runs ``stage`` of ``device``'s route."""
+    def machine(self, stage: StagePlacement, device: int) -> DeviceProfile | ServerProfile:
+        """The machine that runs ``stage`` of ``device``'s route."""
         if stage.tier == "device":
-            return self.devices[device].flops
-        return self.edge.flops if stage.tier == "edge" else self.server.flops
+            return self.devices[device]
+        return self.edge if stage.tier == "edge" else self.server
 
-    def device_flops(self, device: int) -> Flops:
-        """FLOPs of one step of the device's first stage (the whole model when it holds no cut)."""
-        return self.stage_flops(self.routes[device].first)
+    def stage_s(self, stage: StagePlacement, device: int) -> tuple[float, float]:
+        """(forward, backward) seconds of one step of ``device``'s batch through ``stage``: the layers at
+        the machine's FLOP/s, a last stage's LM head at its head FLOP/s (measured profiles: slower)."""
+        flops, machine = self.stage_flops(stage), self.machine(stage, device)
+        if not stage.last or machine.head_flops is None:
+            return flops.forward / machine.flops, flops.backward / machine.flops
+        batch, seq = self._batch()
+        head = head_flops(self.costs, batch, seq)
+        return ((flops.forward - head.forward) / machine.flops + head.forward / machine.head_flops,
+                (flops.backward - head.backward) / machine.flops + head.backward / machine.head_flops)
+
+    def device_s(self, device: int) -> tuple[float, float]:
+        """(forward, backward) seconds of one step of the device's first stage (the whole model when it
+        holds no cut)."""
+        return self.stage_s(self.routes[device].first, device)
 
     def _stage_s(self, devices: list[int], k: int, part: str) -> float:
         """Seconds of stage ``k`` (``forward``, ``backward`` or ``total``) for the routes of ``devices``:
@@ -168,8 +181,9 @@ class Clock:
             stages = self.routes[u].stages
             if k < len(stages):
                 stage = stages[k]
-                flops = getattr(self.stage_flops(stage), part)
-                per_worker[stage.worker] = per_worker.get(stage.worker, 0.0) + flops / self.speed(stage, u)
+                forward, backward = self.stage_s(stage, u)
+                seconds = {"forward": forward, "backward": backward, "total": forward + backward}[part]
+                per_worker[stage.worker] = per_worker.get(stage.worker, 0.0) + seconds
         return max(per_worker.values(), default=0.0)
 
     def _hop_step_s(self, devices: list[int], k: int, kind: str, sent: Mapping[tuple[int, str, str], int],
@@ -216,13 +230,12 @@ class Clock:
 
     def timing(self, device: int) -> Timing:
         """Predicted split-step timing of a device from the cost model (for the schedulers)."""
-        flops = self.device_flops(device)
+        forward, backward = self.device_s(device)
         sizes = self.step_bytes(device)
-        speed = self.devices[device].flops
         return Timing(
-            head_s=flops.forward / speed + self.up_s(device, sizes["activations"]),
+            head_s=forward + self.up_s(device, sizes["activations"]),
             server_s=self.server_s([device]),
-            tail_s=self.down_s(device, sizes["activation_grad"]) + flops.backward / speed,
+            tail_s=self.down_s(device, sizes["activation_grad"]) + backward,
         )
 
     # --- steps --------------------------------------------------------------------------
@@ -238,16 +251,14 @@ class Clock:
         """
         free, done_at = 0.0, {}
         for group in filter(None, groups):  # a group whose devices all left before the step has no time
-            flops = {u: self.device_flops(u) for u in group}
-            speed = {u: self.devices[u].flops for u in group}
+            compute = {u: self.device_s(u) for u in group}  # (forward, backward) seconds
             up = {u: self.routes[u].hops[0].name for u in group}
             down = {u: self.routes[u].hops[0].reverse().name for u in group}
-            arrived = max(flops[u].forward / speed[u] + self.up_s(u, sent.get((u, up[u], "activations"), 0))
-                          for u in group)
+            arrived = max(compute[u][0] + self.up_s(u, sent.get((u, up[u], "activations"), 0)) for u in group)
             computed = max(free, arrived) + self.server_s(group, sent)
             norms_in = {
                 u: computed + self.down_s(u, sent.get((u, down[u], "activation_grad"), 0))
-                + flops[u].backward / speed[u] + self.up_s(u, sent.get((u, up[u], "grad_norm"), 0))
+                + compute[u][1] + self.up_s(u, sent.get((u, up[u], "grad_norm"), 0))
                 for u in group
             }
             stepped = max(norms_in.values())
@@ -258,7 +269,7 @@ class Clock:
 
     def local_step(self, devices: list[int]) -> dict[int, float]:
         """Whole-model steps, in parallel on the machines that run them."""
-        seconds = {u: self.device_flops(u).total / self.speed(self.routes[u].first, u) for u in devices}
+        seconds = {u: sum(self.device_s(u)) for u in devices}
         self.round_s += max(seconds.values(), default=0.0)
         return seconds
 

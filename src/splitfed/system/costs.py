@@ -227,9 +227,17 @@ def stage_flops(costs: LayerCosts, layers: int, batch: int, seq: int, rank: int,
     if first and layers:  # the first layer's input (embeddings) needs no gradient
         backward += _layer_backward_flops(costs, tokens, seq, rank, input_grad=False) - layer_backward
     if last:
-        head = 2.0 * tokens * costs.hidden * costs.vocab
-        forward, backward = forward + head, backward + head  # backward: d loss / d hidden only
+        head = head_flops(costs, batch, seq)
+        forward, backward = forward + head.forward, backward + head.backward
     return Flops(forward, backward)
+
+
+def head_flops(costs: LayerCosts, batch: int, seq: int) -> Flops:
+    """FLOPs of the LM head of one training step (the last stage's, included in its ``stage_flops``):
+    the logits forward, d loss / d hidden backward (the head is frozen). The loss over the vocabulary
+    adds no matrix products; a measured profile prices both at the head's own speed."""
+    head = 2.0 * batch * seq * costs.hidden * costs.vocab
+    return Flops(head, head)
 
 
 # --- bytes on the wire -------------------------------------------------------------------

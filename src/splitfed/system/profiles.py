@@ -27,6 +27,8 @@ class DeviceProfile:
     """Maximum uplink transmit power over all its subchannels, watts."""
     distance_m: float
     """Distance to the base station (where the server is), metres."""
+    head_flops: float | None = None
+    """FLOP/s of the LM head and loss (measured profiles; they run slower than the layers): None, as ``flops``."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class ServerProfile:
     memory_bytes: float
     power_w: float
     """Downlink transmit power over all subchannels, watts."""
+    head_flops: float | None = None
+    """FLOP/s of the LM head and loss (measured profiles; they run slower than the layers): None, as ``flops``."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class DeviceClass:
     distance_m: tuple[float, float]
     measured: bool = False
     """A profile measured on a machine (``splitfed profile``): its devices get its FLOP/s, not a spread around it."""
+    head_flops: float | None = None
+    """FLOP/s of the LM head and loss (measured profiles; they run slower than the layers): None, as ``flops``."""
 
 
 DEVICE_CLASSES: dict[str, DeviceClass] = {
@@ -99,8 +105,11 @@ def _load_profile(path: str, version: int) -> DeviceClass:
     if (not isinstance(distance, list) or len(distance) != 2 or not all(isinstance(d, int | float) for d in distance)
             or not 0 < distance[0] <= distance[1]):
         raise ValueError(f"profile file {path!r}: distance_m is {distance!r}; allowed: [low, high] metres, 0 < low <= high")
+    head = tree.get("head_flops")  # profiles written before the head was timed have none
+    if head is not None and (not isinstance(head, int | float) or isinstance(head, bool) or not head > 0):
+        raise ValueError(f"profile file {path!r}: head_flops is {head!r}; allowed: a number > 0, or absent")
     return DeviceClass(values["flops"], values["memory_bytes"], values["max_power_w"], (float(distance[0]),
-                       float(distance[1])), measured=True)
+                       float(distance[1])), measured=True, head_flops=None if head is None else float(head))
 
 
 def _lookup(table: dict, name: str, what: str):
@@ -115,7 +124,7 @@ def server_profile(name: str) -> ServerProfile:
     """A server profile from the table, or measured (a profile file: its FLOP/s and memory; 1 W downlink)."""
     found = _lookup(SERVERS, name, "server profile")
     if isinstance(found, DeviceClass):
-        return ServerProfile(name, found.flops, found.memory_bytes, power_w=1.0)
+        return ServerProfile(name, found.flops, found.memory_bytes, power_w=1.0, head_flops=found.head_flops)
     return found
 
 
@@ -135,6 +144,7 @@ def population(count: int, seed: int, classes: list[str] | None = None, spread: 
                 memory_bytes=cls.memory_bytes,
                 max_power_w=cls.max_power_w,
                 distance_m=float(rng.uniform(low, high)),
+                head_flops=cls.head_flops,  # only measured classes have one, and they are not spread
             )
         )
     return devices
