@@ -159,7 +159,7 @@ class Clock:
 
     def stage_s(self, stage: StagePlacement, device: int) -> tuple[float, float]:
         """(forward, backward) seconds of one step of ``device``'s batch through ``stage``: the layers at
-        the machine's FLOP/s, a last stage's LM head at its head FLOP/s (measured profiles: slower)."""
+        the machine's FLOP/s, a last stage's LM head at its head FLOP/s (measured profiles have one)."""
         flops, machine = self.stage_flops(stage), self.machine(stage, device)
         if not stage.last or machine.head_flops is None:
             return flops.forward / machine.flops, flops.backward / machine.flops

@@ -6,7 +6,7 @@ configured model on this machine, one first stage per cut (LoRA of the configure
 the configured batch and sequence length, the base in ``compute.dtype`` on the ``compute.device``
 placement: profile a GPU with ``--set compute.device='"cuda"'``), and divides the cost model's FLOPs of that stage by
 the measured time; the LM head and loss (a last stage without layers) are timed on their own, since
-over a large vocabulary they run slower than the layers and the clock prices them at their own speed
+over a large vocabulary they need not run at the layers' speed; the clock prices them at their own
 (``head_flops``). The result is a profile file that ``system.device_classes`` and ``system.server``
 accept in place of a class name. The radio (transmit power, distance) is not measured: the file
 carries the ``laptop`` class's values, and says so.

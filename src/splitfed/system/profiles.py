@@ -28,7 +28,7 @@ class DeviceProfile:
     distance_m: float
     """Distance to the base station (where the server is), metres."""
     head_flops: float | None = None
-    """FLOP/s of the LM head and loss (measured profiles; they run slower than the layers): None, as ``flops``."""
+    """FLOP/s of the LM head and loss, timed alone (measured profiles): None, as ``flops``."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ServerProfile:
     power_w: float
     """Downlink transmit power over all subchannels, watts."""
     head_flops: float | None = None
-    """FLOP/s of the LM head and loss (measured profiles; they run slower than the layers): None, as ``flops``."""
+    """FLOP/s of the LM head and loss, timed alone (measured profiles): None, as ``flops``."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class DeviceClass:
     measured: bool = False
     """A profile measured on a machine (``splitfed profile``): its devices get its FLOP/s, not a spread around it."""
     head_flops: float | None = None
-    """FLOP/s of the LM head and loss (measured profiles; they run slower than the layers): None, as ``flops``."""
+    """FLOP/s of the LM head and loss, timed alone (measured profiles): None, as ``flops``."""
 
 
 DEVICE_CLASSES: dict[str, DeviceClass] = {
