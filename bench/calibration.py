@@ -104,13 +104,14 @@ def part_a(work: Path) -> str:
                 threads = (2,) if runtime == "in-process" else (2, 1)
                 fresh = {t: measure_profile(t, work / f"profile-{t}-{name}.json", repeats=3) for t in threads}
                 speeds.append(fresh[2]["flops"] / profiles[2]["flops"])
-                predicted = {}
+                trees = {}
                 for which, paths in (("session", {t: work / f"profile-{t}.json" for t in threads}),
                                      ("fresh", {t: work / f"profile-{t}-{name}.json" for t in threads})):
                     # in-process every role has 2 threads; as processes the devices have 1, the server 2
-                    tree = timing_tree(protocol, cut, 1 if runtime == "in-process" else 2, paths[min(threads)])
-                    tree["system"]["server"] = str(paths[2])
-                    predicted[which] = predicted_step_s(tree)
+                    trees[which] = timing_tree(protocol, cut, 1 if runtime == "in-process" else 2, paths[min(threads)])
+                    trees[which]["system"]["server"] = str(paths[2])
+                predicted = {which: predicted_step_s(tree) for which, tree in trees.items()}
+                tree = trees["fresh"]  # what the run is given (its sim_s uses the fresh profile)
                 if runtime == "in-process":
                     run(parse_config(tree), work / name, progress=False, overwrite=True)
                     measured = measured_step_s(work / name / "metrics.jsonl")

@@ -90,7 +90,7 @@ def test_the_clock_prices_the_lm_head_at_its_own_speed(measured, tiny_llama_dir,
         clock = Clock(config, model_config, topology)
         route = topology.routes[0]
         seconds[name] = (clock.stage_s(route.first, 0), clock.stage_s(route.stages[-1], 0))
-        head = head_flops(clock.costs, config.train.batch_size, config.train.seq_len)
+    head = head_flops(clock.costs, config.train.batch_size, config.train.seq_len)
     assert seconds["slow"][0] == seconds["same"][0]  # the device's first stage has no head
     flops = profile["flops"]
     for slow, same, part in zip(seconds["slow"][1], seconds["same"][1], ("forward", "backward"), strict=True):

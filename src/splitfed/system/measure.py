@@ -122,6 +122,8 @@ def profile_machine(config: RunConfig, cuts: list[int], repeats: int = 3,
                   "flop_per_s": flops.total / (forward_s + backward_s)}
     if progress is not None:
         progress({"cut": "head", "layers": 0, "lm_head": True, **head_entry})
+    # the layers' speed: a stage that also ran the head mixes in the head's speed, which has its own entry
+    layer_stages = [s for s in stages if not s["lm_head"]] or stages
     radio = DEVICE_CLASSES[RADIO_DEFAULTS]
     return {
         "kind": PROFILE_KIND, "version": 1,
@@ -129,8 +131,7 @@ def profile_machine(config: RunConfig, cuts: list[int], repeats: int = 3,
                    f"torch {torch.__version__}",
         "model": config.model.source, "device": str(device), "dtype": config.compute.dtype, "batch_size": train.batch_size, "seq_len": train.seq_len,
         "lora_rank": lora.rank, "lora_targets": list(lora.targets), "repeats": repeats,
-        # the layers' speed: stages that also ran the head mix in its speed, which has its own entry
-        "flops": statistics.median(s["flop_per_s"] for s in [s for s in stages if not s["lm_head"]] or stages),
+        "flops": statistics.median(s["flop_per_s"] for s in layer_stages),
         "head_flops": head_entry["flop_per_s"],
         "memory_bytes": (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
                          else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
